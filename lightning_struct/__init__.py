@@ -1,0 +1,54 @@
+"""lightning-struct: Lightning callbacks that make networks structurally cheaper, and show why.
+
+Public API (imported lazily, so ``import lightning_struct`` stays cheap):
+
+* :class:`ForceRegularization` - filter coordination (Wen et al. 2017)
+* :class:`SpectralMonitor` - exact conv spectra by Local Fourier Analysis
+* :class:`StructuredConversion` - low-rank / ACDC / tied conversion, then fine-tune
+* :class:`FFTConvolution` - per-layer autotuned FFT convolution
+* :func:`convert`, :func:`load_converted` - model surgery outside a Trainer
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "ForceRegularization": "lightning_struct.callbacks.force",
+    "SpectralMonitor": "lightning_struct.callbacks.spectral",
+    "StructuredConversion": "lightning_struct.callbacks.conversion",
+    "FFTConvolution": "lightning_struct.callbacks.fftconv",
+    "convert": "lightning_struct.convert",
+    "load_converted": "lightning_struct.convert",
+    "ImageClassifier": "lightning_struct.models",
+    "DigitsDataModule": "lightning_struct.data",
+    "ImageFolderDataModule": "lightning_struct.data",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lightning_struct.callbacks.conversion import StructuredConversion
+    from lightning_struct.callbacks.fftconv import FFTConvolution
+    from lightning_struct.callbacks.force import ForceRegularization
+    from lightning_struct.callbacks.spectral import SpectralMonitor
+    from lightning_struct.convert import convert, load_converted
+    from lightning_struct.data import DigitsDataModule, ImageFolderDataModule
+    from lightning_struct.models import ImageClassifier
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_struct' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

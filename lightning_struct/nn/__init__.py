@@ -1,0 +1,24 @@
+"""nn.Modules built on :mod:`lightning_struct.ops`."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> defining module (filled as modules land)
+_EXPORTS: dict[str, str] = {
+    "FFTConv1d": "lightning_struct.nn.fftconv",
+    "FFTConv2d": "lightning_struct.nn.fftconv",
+    "LowRankConv2d": "lightning_struct.nn.lowrank",
+    "LowRankLinear": "lightning_struct.nn.lowrank",
+    "ACDC": "lightning_struct.nn.acdc",
+    "ACDCStack": "lightning_struct.nn.acdc",
+    "ACDCConv1x1": "lightning_struct.nn.acdc",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lightning_struct.nn' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

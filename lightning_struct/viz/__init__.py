@@ -1,0 +1,1 @@
+"""Plots (matplotlib, Agg backend) and W&B payload builders."""
