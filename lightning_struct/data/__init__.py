@@ -1,0 +1,6 @@
+"""LightningDataModules: sklearn digits (ships with scikit-learn) and ImageNet-layout folders."""
+
+from lightning_struct.data.digits import DigitsDataModule
+from lightning_struct.data.imagefolder import ImageFolderDataModule
+
+__all__ = ["DigitsDataModule", "ImageFolderDataModule"]

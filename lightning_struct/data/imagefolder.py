@@ -1,0 +1,134 @@
+"""ImageNet-layout folders (``root/train/<class>/*``, ``root/val/<class>/*``) as a DataModule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _check_split(root: Path, split: str) -> list[str]:
+    """Class folder names of ``root/split``; raises naming the path when missing or empty."""
+    path = root / split
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"ImageFolderDataModule: data.root={str(root)!r} has no '{split}/' folder (expected {path}/<class>/<images>)"
+        )
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"ImageFolderDataModule: {path} contains no class folders")
+    has_images = any(
+        f.suffix.lower() in _IMG_EXTENSIONS for c in classes for f in (path / c).iterdir() if f.is_file()
+    )
+    if not has_images:
+        raise FileNotFoundError(f"ImageFolderDataModule: {path} has class folders but no images ({', '.join(_IMG_EXTENSIONS)})")
+    return classes
+
+
+class ImageFolderDataModule(pl.LightningDataModule):
+    """ImageNet-style data with the standard torchvision train/val transforms.
+
+    Train: ``RandomResizedCrop(image_size)`` + horizontal flip; val/test:
+    ``Resize(round(image_size / crop_ratio))`` + ``CenterCrop(image_size)``; both normalized with the
+    ImageNet mean/std. The test split is ``val/`` unless ``root/test`` exists.
+
+    Args:
+        root: dataset root holding ``train/`` and ``val/``.
+        image_size: crop side in pixels (224 for ImageNet).
+        crop_ratio: center-crop ratio for evaluation (0.875 is the classic 224/256).
+        batch_size: samples per batch (per process under DDP).
+        num_workers: DataLoader worker processes.
+        pin_memory: pin host memory for faster host-to-GPU copies.
+        persistent_workers: keep workers alive between epochs (only with ``num_workers > 0``).
+        num_classes: expected number of classes; checked against the folders when given.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int = 224,
+        crop_ratio: float = 0.875,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        if root is None or str(root) in ("", "???"):
+            raise ValueError("ImageFolderDataModule: data.root is not set; pass data.root=/path/to/imagenet")
+        if image_size < 8:
+            raise ValueError(f"data.image_size must be >= 8, got {image_size}")
+        if not 0 < crop_ratio <= 1:
+            raise ValueError(f"data.crop_ratio must be in (0, 1], got {crop_ratio}")
+        self.save_hyperparameters()
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"ImageFolderDataModule: data.root={str(self.root)!r} does not exist")
+        self.classes = _check_split(self.root, "train")
+        val_classes = _check_split(self.root, "val")
+        if val_classes != self.classes:
+            raise ValueError(
+                f"ImageFolderDataModule: train/ and val/ of {self.root} have different class folders "
+                f"({len(self.classes)} vs {len(val_classes)})"
+            )
+        if num_classes is not None and num_classes != len(self.classes):
+            raise ValueError(
+                f"ImageFolderDataModule: data.num_classes={num_classes} but {self.root}/train has "
+                f"{len(self.classes)} class folders"
+            )
+        self.num_classes = len(self.classes)
+        self.image_size = image_size
+        self.crop_ratio = crop_ratio
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self._sets: dict[str, object] = {}
+
+    def _transform(self, train: bool):  # noqa: ANN202 - torchvision transform
+        from torchvision import transforms as T
+
+        norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        if train:
+            return T.Compose([T.RandomResizedCrop(self.image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        resize = int(round(self.image_size / self.crop_ratio))
+        return T.Compose([T.Resize(resize), T.CenterCrop(self.image_size), T.ToTensor(), norm])
+
+    def setup(self, stage: str | None = None) -> None:
+        from torchvision.datasets import ImageFolder
+
+        if "train" not in self._sets:
+            self._sets["train"] = ImageFolder(str(self.root / "train"), transform=self._transform(True))
+            self._sets["val"] = ImageFolder(str(self.root / "val"), transform=self._transform(False))
+            test_dir = self.root / "test" if (self.root / "test").is_dir() else self.root / "val"
+            self._sets["test"] = ImageFolder(str(test_dir), transform=self._transform(False))
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        return DataLoader(
+            self._sets[split],  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            drop_last=shuffle and len(self._sets[split]) > self.batch_size,  # type: ignore[arg-type]
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

@@ -1,0 +1,151 @@
+"""A generic image classifier LightningModule around any ``nn.Module``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+class ImageClassifier(pl.LightningModule):
+    """Cross-entropy classification of ``net(x)`` logits with top-1/top-5 accuracy.
+
+    Args:
+        net: any module mapping images ``(B, C, H, W)`` to logits ``(B, num_classes)``
+            (Hydra: ``_target_: torchvision.models.resnet50`` with ``num_classes``).
+        num_classes: number of classes; checked against the datamodule and the net's output.
+        optimizer: factory ``params -> Optimizer`` (a Hydra ``_partial_``); default Adam(lr=1e-3).
+        scheduler: factory ``optimizer -> LRScheduler`` (a Hydra ``_partial_``) or ``None``;
+            ``ReduceLROnPlateau`` monitors ``val/loss``. Stepped every epoch.
+        label_smoothing: cross-entropy label smoothing in [0, 1).
+        compile: wrap ``net`` with ``torch.compile`` at fit start.
+
+    Logged: ``{train,val,test}/loss``, ``{train,val,test}/acc`` (top-1),
+    ``{val,test}/acc_top5``, and ``val/acc_best`` (best top-1 so far).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        label_smoothing: float = 0.0,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"model.net must be an nn.Module, got {type(net).__name__}")
+        if int(num_classes) < 2:
+            raise ValueError(f"model.num_classes must be >= 2, got {num_classes}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.save_hyperparameters(ignore=["net"], logger=False)
+        self.net = net
+        self.num_classes = int(num_classes)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.label_smoothing = label_smoothing
+        self.compile = compile
+        top5 = min(5, self.num_classes)
+        self.train_acc = MulticlassAccuracy(self.num_classes, top_k=1)
+        self.val_acc = MulticlassAccuracy(self.num_classes, top_k=1)
+        self.val_acc5 = MulticlassAccuracy(self.num_classes, top_k=top5)
+        self.test_acc = MulticlassAccuracy(self.num_classes, top_k=1)
+        self.test_acc5 = MulticlassAccuracy(self.num_classes, top_k=top5)
+        self.val_loss = MeanMetric()
+        self.val_acc_best = MaxMetric()
+        self._output_checked = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    # ------------------------------------------------------------------ checks
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm_classes = getattr(dm, "num_classes", None)
+        if dm_classes is not None and int(dm_classes) != self.num_classes:
+            raise ValueError(
+                f"model.num_classes={self.num_classes} but the datamodule ({type(dm).__name__}) has "
+                f"{dm_classes} classes; set model.num_classes={dm_classes}"
+            )
+        if self.compile and stage == "fit":
+            self.net = torch.compile(self.net)  # type: ignore[assignment]
+
+    def _check_output(self, logits: torch.Tensor) -> None:
+        if self._output_checked:
+            return
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"model.net returns logits of shape {tuple(logits.shape)} but model.num_classes={self.num_classes}; "
+                "the net's classifier must output (batch, num_classes)"
+            )
+        self._output_checked = True
+
+    # ------------------------------------------------------------------ steps
+    def _shared(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y = batch
+        logits = self(x)
+        self._check_output(logits)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        return loss, logits, y
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, logits, y = self._shared(batch)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def on_train_start(self) -> None:
+        # sanity-check validation must not count towards the best accuracy
+        self.val_acc_best.reset()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, logits, y = self._shared(batch)
+        self.val_loss(loss)
+        self.val_acc(logits, y)
+        self.val_acc5(logits, y)
+        self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True)
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+        self.log("val/acc_top5", self.val_acc5, on_epoch=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_acc_best(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=False, sync_dist=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, logits, y = self._shared(batch)
+        self.test_acc(logits, y)
+        self.test_acc5(logits, y)
+        self.log("test/loss", loss, on_epoch=True)
+        self.log("test/acc", self.test_acc, on_epoch=True)
+        self.log("test/acc_top5", self.test_acc5, on_epoch=True)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).argmax(dim=-1)
+
+    # ------------------------------------------------------------------ optim
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_factory is None:
+            optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=1e-3)
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch", "frequency": 1}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}
