@@ -1,0 +1,266 @@
+"""``lightning-struct train``: the Hydra training application.
+
+The config root is ``conf/`` (``config.yaml`` + groups); experiment configs in ``recipes/``
+form the ``recipe`` group (``recipe=quickstart``, ``recipe=wen2017/resnet50_force``). Both
+directories ship inside the wheel; see :mod:`lightning_struct._resources`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_struct._resources import config_dir, recipes_dir
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- recipes
+def _package_header(path: Path) -> str | None:
+    """The ``# @package X`` header of a YAML file (Hydra's convention), if any."""
+    with path.open() as fh:
+        for line in fh:
+            s = line.strip()
+            if not s:
+                continue
+            if not s.startswith("#"):
+                return None
+            body = s.lstrip("#").strip()
+            if body.startswith("@package"):
+                return body.split(None, 1)[1].strip()
+    return None
+
+
+def register_recipes(root: Path | None = None) -> list[str]:
+    """Register every ``recipes/**/*.yaml`` as an option of the Hydra group ``recipe``.
+
+    The recipes live outside the config root (they are the user-facing part of the project), so
+    they are put in Hydra's ``ConfigStore`` under ``recipe/<relative path without .yaml>``, keeping
+    their ``# @package`` header (default ``_global_``) and their own defaults lists.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    root = recipes_dir() if root is None else root
+    cs = ConfigStore.instance()
+    names = []
+    for path in sorted(root.rglob("*.yaml")):
+        rel = path.relative_to(root).with_suffix("").as_posix()
+        node = OmegaConf.load(path)
+        if not isinstance(node, DictConfig):
+            raise ValueError(f"recipe {path} must be a YAML mapping, got a list")
+        package = _package_header(path) or "_global_"
+        cs.store(group="recipe", name=rel, node=node, package=package, provider="lightning-struct")
+        names.append(rel)
+    return names
+
+
+# --------------------------------------------------------------------------- W&B offline
+def _wandb_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def _wandb_reachable(timeout: float = 3.0) -> bool:
+    import socket
+
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        with socket.create_connection((host.split(":")[0], 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def configure_wandb_mode() -> str:
+    """Make W&B never prompt and never block.
+
+    An explicit ``WANDB_MODE`` is respected. Otherwise, without an API key, or with a key but no
+    route to the W&B server, runs are written offline. Returns the mode in effect.
+    """
+    os.environ.setdefault("WANDB_SILENT", "true")
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    if not _wandb_key_available():
+        reason = "no W&B API key (WANDB_API_KEY / wandb login)"
+    elif not _wandb_reachable():
+        reason = "the W&B server is not reachable"
+    else:
+        return "online"
+    os.environ["WANDB_MODE"] = "offline"
+    log.info("W&B runs offline: %s. Upload later with `wandb sync <run dir>`.", reason)
+    return "offline"
+
+
+# --------------------------------------------------------------------------- instantiation
+def _instantiate_group(cfg: DictConfig | None, what: str) -> list[Any]:
+    from hydra.utils import instantiate
+
+    out: list[Any] = []
+    if not cfg:
+        return out
+    if not isinstance(cfg, DictConfig):
+        raise TypeError(f"{what} config must be a mapping of name -> {{_target_: ...}}, got {type(cfg).__name__}")
+    for name, conf in cfg.items():
+        if conf is None:  # disabled with `callbacks.<name>=null`
+            continue
+        if not isinstance(conf, DictConfig) or "_target_" not in conf:
+            raise ValueError(f"{what}.{name} has no _target_ (got {OmegaConf.to_yaml(conf).strip()!r})")
+        out.append(instantiate(conf))
+    return out
+
+
+def _resolved_container(cfg: DictConfig) -> dict[str, Any]:
+    cfg = cfg.copy()
+    with_hydra = "hydra" in cfg
+    if with_hydra:
+        OmegaConf.set_struct(cfg, False)
+        cfg.pop("hydra")
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def _check_required(cfg: DictConfig) -> None:
+    """Fail before anything is built when a mandatory key (``???``) was not given."""
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
+    if missing:
+        hints = {"data.root": "data.root=/path/to/imagenet (holding train/<class>/* and val/<class>/*)"}
+        shown = "; ".join(hints.get(k, f"{k}=...") for k in missing)
+        raise ValueError(f"missing required config value(s) {missing}: pass {shown}")
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Instantiate data, model, callbacks, loggers and trainer from ``cfg``; fit and test.
+
+    Returns the final ``trainer.callback_metrics`` as floats (fit metrics, then test metrics).
+    """
+    import lightning.pytorch as pl
+    import torch
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import WandbLogger
+
+    _check_required(cfg)
+    # Lightning prints through its own console handler; do not print every line twice via Hydra's root handler
+    logging.getLogger("lightning.pytorch").propagate = False
+    if cfg.get("seed") is not None:
+        pl.seed_everything(int(cfg.seed), workers=True)
+    if cfg.get("logger") and "wandb" in cfg.logger:
+        configure_wandb_mode()
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    callbacks = _instantiate_group(cfg.get("callbacks"), "callbacks")
+    loggers = _instantiate_group(cfg.get("logger"), "logger")
+    if not loggers:
+        dropped = [c for c in callbacks if isinstance(c, LearningRateMonitor)]
+        if dropped:
+            log.info("logger=none: LearningRateMonitor dropped (it needs a logger)")
+            callbacks = [c for c in callbacks if c not in dropped]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    hparams = _resolved_container(cfg)
+    for lg in loggers:
+        lg.log_hyperparams(hparams)
+
+    metrics: dict[str, float] = {}
+    try:
+        if cfg.get("train", True):
+            trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1})
+        if cfg.get("test", False):
+            ckpt = trainer.checkpoint_callback
+            best = ckpt.best_model_path if isinstance(ckpt, ModelCheckpoint) and ckpt.best_model_path else None
+            if not cfg.get("train", True):
+                best = cfg.get("ckpt_path")
+            trainer.test(model=model, datamodule=datamodule, ckpt_path=best, weights_only=False)
+            metrics.update(
+                {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/") and torch.is_tensor(v)}
+            )
+        _print_summary(trainer, metrics)
+    finally:
+        for lg in loggers:
+            if isinstance(lg, WandbLogger):
+                import wandb
+
+                wandb.finish()
+    return metrics
+
+
+def _print_summary(trainer: Any, metrics: dict[str, float]) -> None:
+    """Tell the user where the checkpoint, the logs and the W&B run are."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    if trainer.global_rank != 0:
+        return
+    lines = []
+    ckpt = trainer.checkpoint_callback
+    if isinstance(ckpt, ModelCheckpoint):
+        if ckpt.best_model_path:
+            lines.append(f"best checkpoint : {ckpt.best_model_path}")
+        if ckpt.last_model_path:
+            lines.append(f"last checkpoint : {ckpt.last_model_path}")
+    lines.append(f"run directory   : {trainer.default_root_dir}")
+    for lg in trainer.loggers:
+        if isinstance(lg, CSVLogger):
+            lines.append(f"csv metrics     : {Path(lg.log_dir) / 'metrics.csv'}")
+        elif isinstance(lg, WandbLogger):
+            run = lg.experiment
+            run_dir = getattr(run, "dir", None)
+            mode = os.environ.get("WANDB_MODE", "online")
+            if run_dir:
+                run_root = Path(run_dir).parent
+                hint = f"  (offline: upload with `wandb sync {run_root}`)" if mode in ("offline", "dryrun") else ""
+                lines.append(f"wandb run       : {run_root}{hint}")
+            url = getattr(run, "url", None)
+            if url:
+                lines.append(f"wandb url       : {url}")
+    keys = [k for k in ("val/acc", "val/acc_best", "test/acc", "train/loss") if k in metrics]
+    if keys:
+        lines.append("metrics         : " + ", ".join(f"{k}={metrics[k]:.4f}" for k in keys))
+    print("\n".join(["", "lightning-struct train finished", *lines]), flush=True)
+
+
+# --------------------------------------------------------------------------- Hydra app
+def _metric_for_sweeper(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise ValueError(f"optimized_metric={name!r} was not logged; available metrics: {sorted(metrics)}")
+    return metrics[name]
+
+
+register_recipes()
+
+import hydra  # noqa: E402  (after the recipes are registered)
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+def hydra_app(cfg: DictConfig) -> float | None:
+    """Hydra entry: run one training job; return ``optimized_metric`` for sweepers."""
+    metrics = train(cfg)
+    return _metric_for_sweeper(cfg, metrics)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry (``lightning-struct train ...``): Hydra parses ``argv`` itself."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    saved = sys.argv
+    sys.argv = ["lightning-struct-train", *args]
+    try:
+        hydra_app()
+    finally:
+        sys.argv = saved
+    return 0
