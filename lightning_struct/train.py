@@ -132,7 +132,8 @@ def _resolved_container(cfg: DictConfig) -> dict[str, Any]:
 
 def _check_required(cfg: DictConfig) -> None:
     """Fail before anything is built when a mandatory key (``???``) was not given."""
-    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
+    body = {k: v for k, v in cfg.items_ex(resolve=False) if k != "hydra"}
+    missing = sorted(OmegaConf.missing_keys(OmegaConf.create(body)))
     if missing:
         hints = {"data.root": "data.root=/path/to/imagenet (holding train/<class>/* and val/<class>/*)"}
         shown = "; ".join(hints.get(k, f"{k}=...") for k in missing)
@@ -170,6 +171,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     hparams = _resolved_container(cfg)
+    if hasattr(model, "run_config"):
+        model.run_config = hparams
     for lg in loggers:
         lg.log_hyperparams(hparams)
 

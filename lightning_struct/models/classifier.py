@@ -49,7 +49,9 @@ class ImageClassifier(pl.LightningModule):
             raise ValueError(f"model.num_classes must be >= 2, got {num_classes}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.save_hyperparameters(ignore=["net"], logger=False)
+        # plain values only, so checkpoints load with torch.load(weights_only=True); the factories
+        # and the net's own config travel in ``run_config`` (see :func:`load_classifier`)
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.net = net
         self.num_classes = int(num_classes)
         self.optimizer_factory = optimizer
@@ -65,6 +67,9 @@ class ImageClassifier(pl.LightningModule):
         self.val_loss = MeanMetric()
         self.val_acc_best = MaxMetric()
         self._output_checked = False
+        #: the resolved run config (plain dict) set by ``lightning-struct train``; saved in checkpoints
+        #: so :func:`load_classifier` can rebuild ``net`` without the original Python code path
+        self.run_config: dict[str, Any] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -135,6 +140,15 @@ class ImageClassifier(pl.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).argmax(dim=-1)
 
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:
+            checkpoint["run_config"] = self.run_config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("run_config") is not None and self.run_config is None:
+            self.run_config = checkpoint["run_config"]
+
     # ------------------------------------------------------------------ optim
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -149,3 +163,33 @@ class ImageClassifier(pl.LightningModule):
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = "val/loss"
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+def load_classifier(checkpoint: str | dict[str, Any], map_location: str | torch.device = "cpu") -> ImageClassifier:
+    """Rebuild an :class:`ImageClassifier` (net included) from a ``lightning-struct train`` checkpoint.
+
+    The net is re-created from the ``run_config`` stored in the checkpoint (``model.net``
+    config) and the weights are loaded strictly. Raises ``ValueError`` for checkpoints that carry no
+    run config (written outside ``lightning-struct train``): build the net yourself and use
+    ``ImageClassifier.load_from_checkpoint(path, net=net)`` instead.
+    """
+    from hydra.utils import instantiate
+
+    ckpt = torch.load(checkpoint, map_location=map_location, weights_only=True) if not isinstance(checkpoint, dict) else checkpoint
+    run_config = ckpt.get("run_config")
+    if not run_config or "model" not in run_config:
+        raise ValueError(
+            "checkpoint has no 'run_config' (it was not written by `lightning-struct train`); "
+            "use ImageClassifier.load_from_checkpoint(path, net=<your net>)"
+        )
+    model_cfg = run_config["model"]
+    net = instantiate(model_cfg["net"])
+    hp = ckpt.get("hyper_parameters", {})
+    model = ImageClassifier(
+        net,
+        num_classes=hp.get("num_classes", model_cfg.get("num_classes")),
+        label_smoothing=hp.get("label_smoothing", 0.0),
+    )
+    model.load_state_dict(ckpt["state_dict"])
+    model.run_config = run_config
+    return model
