@@ -29,7 +29,18 @@ _EXPORTS: dict[str, str] = {
     "ImageFolderDataModule": "lightning_struct.data",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [
+    "DigitsDataModule",
+    "FFTConvolution",
+    "ForceRegularization",
+    "ImageClassifier",
+    "ImageFolderDataModule",
+    "SpectralMonitor",
+    "StructuredConversion",
+    "__version__",
+    "convert",
+    "load_converted",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_struct.callbacks.conversion import StructuredConversion

@@ -44,7 +44,7 @@ def _instantiate_all(cfg: DictConfig, tmp_path: Path) -> None:
     assert hasattr(dm, "train_dataloader")
     model = instantiate(cfg.model)
     assert isinstance(model, torch.nn.Module)
-    for name, cb in (cfg.get("callbacks") or {}).items():
+    for cb in (cfg.get("callbacks") or {}).values():
         if cb is not None:
             instantiate(cb)
     for name, lg in (cfg.get("logger") or {}).items():
