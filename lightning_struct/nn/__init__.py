@@ -14,6 +14,8 @@ _EXPORTS: dict[str, str] = {
     "ACDC": "lightning_struct.nn.acdc",
     "ACDCStack": "lightning_struct.nn.acdc",
     "ACDCConv1x1": "lightning_struct.nn.acdc",
+    "TiedBottleneck": "lightning_struct.nn.tied",
+    "TiedMLP": "lightning_struct.nn.tied",
 }
 __all__ = sorted(_EXPORTS)
 
