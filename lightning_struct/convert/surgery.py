@@ -408,9 +408,9 @@ def _build_acdc_linear(old: nn.Module, entry: dict[str, Any]) -> nn.Module:
 def _build_acdc_conv(old: nn.Module, entry: dict[str, Any]) -> nn.Module:
     acdc = _acdc_mod()
     w = old.weight  # type: ignore[union-attr]
-    return acdc.ACDCConv1x1(entry["in_channels"], entry["out_channels"], **_acdc_kwargs(entry)).to(
-        device=w.device, dtype=w.dtype
-    )
+    return acdc.ACDCConv1x1(
+        entry["in_channels"], entry["out_channels"], stride=int(entry.get("stride", 1)), **_acdc_kwargs(entry)
+    ).to(device=w.device, dtype=w.dtype)
 
 
 def _build_tied_bottleneck(old: nn.Module, entry: dict[str, Any]) -> nn.Module:
@@ -720,9 +720,9 @@ def _fit_acdc(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                last = float(loss.detach())
                 if step == 0:
-                    first = float(loss)
-                last = float(loss)
+                    first = last
     finally:
         for m, f in flags.items():
             m.training = f
@@ -755,12 +755,14 @@ def _convert_acdc(
         rows.append(row)
         bias = getattr(m, "bias", None) is not None
         if isinstance(m, nn.Conv2d):
-            ok = m.kernel_size == (1, 1) and m.groups == 1 and m.stride == (1, 1) and m.dilation == (1, 1)
-            ok = ok and (m.padding == (0, 0) or m.padding == "valid")
+            st = m.stride
+            ok = m.kernel_size == (1, 1) and m.groups == 1 and st[0] == st[1]
+            ok = ok and (m.padding == (0, 0) or m.padding == "valid") and m.padding_mode == "zeros"
             if not ok:
                 msg = (
-                    f"convert(method='acdc'): layer {name!r} is a {m.kernel_size} conv (stride {m.stride}, "
-                    f"groups {m.groups}); ACDC replaces only 1x1, stride-1, ungrouped, unpadded convs and Linear layers"
+                    f"convert(method='acdc'): layer {name!r} is a {m.kernel_size} conv (stride {st}, groups "
+                    f"{m.groups}, padding {m.padding}); ACDC replaces only 1x1, ungrouped, unpadded convs (equal "
+                    f"strides) and Linear layers"
                 )
                 if name in exact:
                     raise ValueError(msg)
@@ -770,12 +772,15 @@ def _convert_acdc(
                 "kind": "acdc_conv1x1",
                 "in_channels": m.in_channels,
                 "out_channels": m.out_channels,
+                "stride": st[0],
                 "bias": bias,
                 **hp,
             }
-            new: nn.Module = acdc.ACDCConv1x1(m.in_channels, m.out_channels, bias=bias, **hp)
+            new: nn.Module = acdc.ACDCConv1x1(m.in_channels, m.out_channels, stride=st[0], bias=bias, **hp)
             size = max(m.in_channels, m.out_channels)
-            rows_per_example = int(math.prod(shape[-2:])) if shape is not None else 1
+            rows_per_example = (
+                int(math.prod(fz.conv_out_hw(shape[-2:], (1, 1), st))) if shape is not None else 1  # type: ignore[arg-type]
+            )
         else:
             entry = {
                 "kind": "acdc_linear",

@@ -285,3 +285,41 @@ def test_spec_is_plain_data_and_weights_only_loadable(tmp_path):
     ck = torch.load(path, weights_only=True)
     assert ck[SPEC_KEY]["layers"][0]["kind"] == "lowrank_conv2d"
     assert ck[SPEC_KEY]["layers"][0]["name"] == "net.features.conv2"
+
+
+# ----------------------------------------------------------------------------------------------
+# ACDC
+# ----------------------------------------------------------------------------------------------
+def test_acdc_distillation_fits_the_dense_layer_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    net = _net()
+    # a structured target the stack can represent well: a diagonal-ish map
+    with torch.no_grad():
+        net.classifier.fc2.weight.copy_(torch.eye(32) * 2 + 0.01 * torch.randn(32, 32))
+    x = torch.randn(64, 1, 8, 8)
+    rep = convert(
+        net, "acdc", include="classifier.fc2", calibration=x, acdc_steps=150, acdc_factors=2, acdc_relu=False
+    )
+    row = rep.layers[0]
+    assert row.status == "converted" and row.kind == "acdc_linear"
+    assert row.params_after == 2 * 4 * 32 < row.params_before
+    first, last = (float(v) for v in row.detail["fit_loss"].split("->"))
+    assert last < 0.1 * first
+    assert row.output_rel_error < 0.2
+    lit = ImageClassifier(net, num_classes=10).eval()
+    torch.save(_lightning_style_ckpt(lit), tmp_path / "a.ckpt")
+    fresh = ImageClassifier(_net(seed=7), num_classes=10)
+    load_converted(tmp_path / "a.ckpt", fresh)
+    torch.testing.assert_close(fresh.eval()(X), lit(X))
+
+
+def test_acdc_refuses_exactly_named_3x3_and_skips_globbed():
+    with pytest.raises(ValueError, match="layer 'features.conv2' is a \\(3, 3\\) conv"):
+        convert(_net(), "acdc", include="features.conv2")
+    rep = convert(_net(), "acdc", include=["features.*", "classifier.fc2"], acdc_steps=2, acdc_factors=2)
+    status = {r.name: r.status for r in rep.layers}
+    assert status["features.conv2"] == "kept dense: not a plain 1x1 conv"
+    assert status["classifier.fc2"] == "converted"
+    assert "synthetic" in rep.layers[-1].detail["fit"]
+    rep = convert(_net(), "acdc", include="classifier.fc2", acdc_steps=2)  # 12 factors: 1536 > 1056 params
+    assert rep.layers[0].status == "kept dense: factorized cost not lower"

@@ -1,0 +1,339 @@
+r"""
+StructuredConversion
+^^^^^^^^^^^^^^^^^^^^
+
+Train dense, convert selected layers to low-rank / ACDC / tied form at a chosen epoch,
+fine-tune the converted model in the same ``fit``, and keep every later checkpoint reloadable.
+
+The story, hook by hook:
+
+* ``setup``: refuse multi-process strategies (see below); install a pre-load hook on the
+  LightningModule so a checkpoint of a converted model rebuilds its structure before the
+  weights load (Lightning calls ``LightningModule.on_load_checkpoint`` *before*
+  ``load_state_dict`` but the callbacks' ``on_load_checkpoint`` *after*, so the callback hook
+  would be too late).
+* ``on_train_epoch_start`` of epoch ``at_epoch``: take ``calibration_batches`` training batches,
+  :func:`lightning_struct.convert.convert` the selected layers, re-create the optimizers and LR
+  schedulers through ``trainer.strategy.setup_optimizers(trainer)`` (the same call the strategy
+  makes at fit start; it runs ``configure_optimizers`` on the new parameters), scale the LRs by
+  ``lr_scale`` and (default) fast-forward the new schedulers to the current epoch/step. Log the
+  report (scalars, and a W&B table when a ``WandbLogger`` is attached).
+* ``on_save_checkpoint``: write the conversion spec under ``checkpoint["lightning_struct_conversion"]``.
+* ``state_dict``/``load_state_dict``: whether the conversion already happened (a resumed run
+  does not convert twice).
+
+Why not under DDP. DDP registers its gradient hooks (the reducer) on the parameters that exist
+when the model is wrapped; new factor parameters would never be all-reduced and the ranks would
+drift apart. Re-wrapping works for the ``ddp`` launcher but not for ``ddp_spawn``: there the
+main process receives rank 0's final weights through a *non-strict* ``load_state_dict`` into
+its own, unconverted copy of the model, which silently keeps the dense pre-conversion weights.
+Sharded strategies (FSDP, DeepSpeed) cannot be re-wrapped at all. So under any multi-process
+strategy this callback raises and points to the two-phase form
+(:func:`lightning_struct.convert.two_phase.fit_convert_finetune`, or a ``conversion:`` section in
+``lightning-struct train``), where the second ``fit`` wraps the already converted model.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
+
+from lightning_struct.callbacks._log import log_scalars, log_table
+from lightning_struct.convert import ConversionReport, convert, get_spec, restore_structure
+from lightning_struct.convert.spec import SPEC_KEY
+from lightning_struct.convert.surgery import METHODS, _check_rules
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ConversionCheckpoint", "StructuredConversion", "scale_learning_rates"]
+
+_HOOK_FLAG = "_lightning_struct_preload"
+
+
+def _install_preload_hook(pl_module: pl.LightningModule) -> None:
+    """Make ``pl_module.on_load_checkpoint`` rebuild the converted structure first."""
+    current = pl_module.on_load_checkpoint
+    if getattr(current, _HOOK_FLAG, False):
+        return
+
+    def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+        restore_structure(pl_module, checkpoint)
+        current(checkpoint)
+
+    setattr(on_load_checkpoint, _HOOK_FLAG, True)
+    pl_module.__dict__["on_load_checkpoint"] = on_load_checkpoint
+
+
+def _remove_preload_hook(pl_module: pl.LightningModule) -> None:
+    fn = pl_module.__dict__.get("on_load_checkpoint")
+    if fn is not None and getattr(fn, _HOOK_FLAG, False):
+        del pl_module.__dict__["on_load_checkpoint"]
+
+
+def scale_learning_rates(trainer: pl.Trainer, scale: float) -> None:
+    """Multiply every optimizer group's LR (and ``initial_lr``) and every scheduler's ``base_lrs``."""
+    for opt in trainer.optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["lr"] * scale
+            if "initial_lr" in group:
+                group["initial_lr"] = group["initial_lr"] * scale
+    for cfg in trainer.lr_scheduler_configs:
+        sched = cfg.scheduler
+        if hasattr(sched, "base_lrs"):
+            sched.base_lrs = [b * scale for b in sched.base_lrs]  # type: ignore[attr-defined]
+        if hasattr(sched, "_last_lr"):
+            sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]  # type: ignore[attr-defined]
+
+
+def _fast_forward_schedulers(trainer: pl.Trainer) -> None:
+    """Step freshly created schedulers to where the run is (epoch or step interval)."""
+    for cfg in trainer.lr_scheduler_configs:
+        if isinstance(cfg.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            continue
+        n = trainer.current_epoch if cfg.interval == "epoch" else trainer.global_step
+        n = n // max(1, int(cfg.frequency))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+            for _ in range(n):
+                cfg.scheduler.step()  # type: ignore[call-arg]
+
+
+class ConversionCheckpoint(Callback):
+    """Keep a converted model's checkpoints reloadable (and optionally scale the LR).
+
+    Used by the two-phase form for the fine-tuning ``fit`` (the model is converted before the
+    Trainer sees it), and the base of :class:`StructuredConversion`:
+
+    * every checkpoint gets the model's conversion spec (``checkpoint["lightning_struct_conversion"]``);
+    * ``fit/validate/test(ckpt_path=...)`` on a *dense* model rebuilds the structure before the
+      state dict loads;
+    * ``lr_scale`` multiplies the LRs created by ``configure_optimizers`` at fit start (a resumed
+      run restores the already-scaled optimizer state instead).
+
+    Works under every strategy (it never changes the structure during a ``fit``).
+
+    Args:
+        lr_scale: factor for the learning rates of this fit (``None``: unchanged).
+    """
+
+    def __init__(self, lr_scale: float | None = None) -> None:
+        if lr_scale is not None and not (isinstance(lr_scale, (int, float)) and lr_scale > 0):
+            raise ValueError(f"lr_scale={lr_scale!r} must be a positive number or None")
+        self.lr_scale = None if lr_scale is None else float(lr_scale)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _install_preload_hook(pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _remove_preload_hook(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.lr_scale is not None:
+            scale_learning_rates(trainer, self.lr_scale)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        spec = get_spec(pl_module)
+        if spec is not None:
+            checkpoint[SPEC_KEY] = spec
+
+
+class StructuredConversion(ConversionCheckpoint):
+    """Convert selected layers at epoch ``at_epoch`` and fine-tune in the same ``fit`` (single device).
+
+    Example::
+
+        trainer = Trainer(max_epochs=12, callbacks=[
+            StructuredConversion("lowrank", at_epoch=8, energy=0.95, lr_scale=0.1,
+                                 exclude=["net.features.conv1", "net.classifier.fc3"]),
+        ])
+        trainer.fit(model, datamodule)       # 8 dense epochs, convert, 4 fine-tuning epochs
+        # later, in a fresh process:
+        load_converted(trainer.checkpoint_callback.best_model_path, fresh_model)
+
+    Args:
+        method: ``"lowrank"``, ``"acdc"`` or ``"tied"``.
+        at_epoch: convert at the start of this (0-based) epoch, i.e. after ``at_epoch`` dense
+            epochs; the remaining ``max_epochs - at_epoch`` epochs fine-tune.
+        lr_scale: multiply the fine-tuning learning rates by this factor (e.g. ``0.1``).
+        scheduler: ``"continue"`` (default): the new LR schedulers are stepped to the current
+            epoch/step, so the schedule goes on where it was; ``"restart"``: they start afresh.
+        include, exclude, types: layer selection (names relative to the LightningModule, e.g.
+            ``"net.features.*"``), as in :func:`~lightning_struct.convert.convert`.
+        energy, ratio, rank, budget, budget_on, scheme: low-rank rank rule and scheme.
+        calibration_batches: training batches used for FLOPs, errors and the ACDC fit.
+        **convert_kwargs: further :func:`~lightning_struct.convert.convert` arguments
+            (``acdc_factors``, ``acdc_steps``, ``acdc_lr`` ...).
+
+    Raises:
+        ValueError: bad arguments (at construction).
+        MisconfigurationException: a multi-process strategy (use the two-phase form), or
+            ``at_epoch >= max_epochs``.
+    """
+
+    def __init__(
+        self,
+        method: str = "lowrank",
+        at_epoch: int = 1,
+        lr_scale: float | None = None,
+        *,
+        scheduler: str = "continue",
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        types: Sequence[type | str] | None = None,
+        energy: float | None = None,
+        ratio: float | None = None,
+        rank: int | Sequence[int] | None = None,
+        budget: float | None = None,
+        budget_on: str = "params",
+        scheme: str = "channel",
+        calibration_batches: int = 4,
+        **convert_kwargs: Any,
+    ) -> None:
+        super().__init__(lr_scale)
+        if method not in METHODS:
+            raise ValueError(f"StructuredConversion: method={method!r}; allowed: {list(METHODS)}")
+        _check_rules(method, energy, ratio, rank, budget, budget_on)
+        if isinstance(at_epoch, bool) or not isinstance(at_epoch, int) or at_epoch < 0:
+            raise ValueError(f"StructuredConversion: at_epoch={at_epoch!r} must be an int >= 0")
+        if scheduler not in ("continue", "restart"):
+            raise ValueError(f"StructuredConversion: scheduler={scheduler!r}; allowed: 'continue', 'restart'")
+        if (
+            isinstance(calibration_batches, bool)
+            or not isinstance(calibration_batches, int)
+            or calibration_batches < 1
+        ):
+            raise ValueError(
+                f"StructuredConversion: calibration_batches={calibration_batches!r} must be an int >= 1"
+            )
+        allowed = {
+            "acdc_factors",
+            "acdc_relu",
+            "acdc_permute",
+            "acdc_sigma",
+            "acdc_steps",
+            "acdc_lr",
+            "seed",
+            "input_size",
+        }
+        unknown = sorted(set(convert_kwargs) - allowed)
+        if unknown:
+            raise ValueError(
+                f"StructuredConversion: unknown argument(s) {unknown}; allowed extras: {sorted(allowed)}"
+            )
+        self.method = method
+        self.at_epoch = at_epoch
+        self.scheduler = scheduler
+        self.calibration_batches = calibration_batches
+        self.convert_kwargs: dict[str, Any] = dict(
+            include=include, exclude=exclude, types=types, energy=energy, ratio=ratio, rank=rank,
+            budget=budget, budget_on=budget_on, scheme=scheme, **convert_kwargs,
+        )  # fmt: skip
+        self.converted = False
+        self.report: ConversionReport | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(method=self.method, at_epoch=self.at_epoch)
+
+    # ---------------------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        if isinstance(trainer.strategy, ParallelStrategy) or trainer.world_size > 1:
+            raise MisconfigurationException(
+                f"StructuredConversion converts layers inside a running fit, which is not supported with "
+                f"strategy {type(trainer.strategy).__name__} (world size {trainer.world_size}): DDP's reducer and "
+                f"sharded strategies are built on the parameters that exist when the model is wrapped, and under "
+                f"ddp_spawn the main process would silently keep the unconverted weights. Use the two-phase form: "
+                f"lightning_struct.convert.two_phase.fit_convert_finetune(...) or a `conversion:` section in "
+                f"`lightning-struct train`, which converts between two fits."
+            )
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0 and self.at_epoch >= max_epochs and not self.converted:
+            raise MisconfigurationException(
+                f"StructuredConversion(at_epoch={self.at_epoch}) never runs with max_epochs={max_epochs}; "
+                f"choose at_epoch < max_epochs (the remaining epochs fine-tune the converted model)"
+            )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pass  # the LR scale applies to the optimizers created at conversion time
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.converted or trainer.current_epoch < self.at_epoch:
+            return
+        self.report = self.convert_now(trainer, pl_module)
+
+    def convert_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ConversionReport:
+        """Convert, re-create the optimizers and schedulers, log the report."""
+        batches = self._calibration(trainer)
+        report = convert(pl_module, self.method, calibration=batches, **self.convert_kwargs)
+        self.converted = True
+        trainer.strategy.setup_optimizers(trainer)
+        if self.lr_scale is not None:
+            scale_learning_rates(trainer, self.lr_scale)
+        if self.scheduler == "continue":
+            _fast_forward_schedulers(trainer)
+        self._log(trainer, report)
+        return report
+
+    def _calibration(self, trainer: pl.Trainer) -> list[Any]:
+        loader = trainer.train_dataloader
+        if loader is None:
+            return []
+        if isinstance(loader, dict):
+            loader = next(iter(loader.values()))
+        elif isinstance(loader, (list, tuple)) and loader and not isinstance(loader[0], torch.Tensor):
+            loader = loader[0]
+        out = []
+        # the calibration draw must not shift the training run's random stream
+        with torch.random.fork_rng(devices=[]):
+            for i, batch in enumerate(loader):
+                if i >= self.calibration_batches:
+                    break
+                out.append(batch)
+        return out
+
+    def _log(self, trainer: pl.Trainer, report: ConversionReport) -> None:
+        rank_zero_info(f"StructuredConversion at epoch {trainer.current_epoch}:\n{report}")
+        log_scalars(trainer, report.scalars())
+        log_table(trainer, "conversion/layers", ConversionReport.COLUMNS, report.rows())
+
+    # ---------------------------------------------------------------------------------- state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "converted": self.converted,
+            "report": None if self.report is None else self.report.to_dict(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.converted = bool(state_dict.get("converted", False))
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # the structure was rebuilt by the pre-load hook; a spec means the conversion happened
+        if checkpoint.get(SPEC_KEY):
+            self.converted = True
