@@ -228,6 +228,7 @@ class StructuredConversion(ConversionCheckpoint):
             "acdc_sigma",
             "acdc_steps",
             "acdc_lr",
+            "tied_staged",
             "seed",
             "input_size",
         }

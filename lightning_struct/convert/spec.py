@@ -32,7 +32,7 @@ SPEC_ATTR = "lightning_struct_conversion"
 SPEC_FORMAT = 1
 
 Entry = dict[str, Any]
-Builder = Callable[[nn.Module, Entry], nn.Module]
+Builder = Callable[[nn.Module, Entry, nn.Module], nn.Module]
 
 __all__ = [
     "SPEC_ATTR",
@@ -48,13 +48,16 @@ __all__ = [
 ]
 
 _BUILDERS: dict[str, Builder] = {}
+#: entry fields holding layer names (prefixed / stripped together with ``name``)
+NAME_FIELDS = ("name", "share_with")
 
 
 def register_builder(kind: str, builder: Builder) -> None:
     """Register how to rebuild an entry of ``kind`` from the dense module it replaced.
 
-    ``builder(old_module, entry)`` returns the new (structurally identical, untrained) module;
-    the weights arrive afterwards with ``load_state_dict``.
+    ``builder(old_module, entry, root)`` returns the new (structurally identical, untrained)
+    module; ``root`` is the model being rebuilt (for entries that share parameters with an
+    earlier entry). The weights arrive afterwards with ``load_state_dict``.
     """
     _BUILDERS[kind] = builder
 
@@ -107,7 +110,9 @@ def get_spec(model: nn.Module) -> dict[str, Any] | None:
             continue
         for e in entries:
             e = dict(e)
-            e["name"] = f"{prefix}.{e['name']}" if prefix else e["name"]
+            for f in NAME_FIELDS:
+                if prefix and e.get(f):
+                    e[f] = f"{prefix}.{e[f]}"
             layers.append(e)
     if not layers:
         return None
@@ -130,7 +135,9 @@ def strip_prefix(spec: Mapping[str, Any], prefix: str) -> dict[str, Any]:
         if not e["name"].startswith(prefix):
             raise ValueError(f"conversion spec layer {e['name']!r} does not start with prefix {prefix!r}")
         e = dict(e)
-        e["name"] = e["name"][len(prefix) :]
+        for f in NAME_FIELDS:
+            if e.get(f):
+                e[f] = e[f][len(prefix) :]
         out.append(e)
     return {"format": spec.get("format", SPEC_FORMAT), "layers": out}
 
@@ -162,7 +169,7 @@ def apply_spec(model: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
         )
     for entry in spec["layers"]:
         old = get_submodule(model, entry["name"])
-        new = _builder(entry["kind"])(old, entry)
+        new = _builder(entry["kind"])(old, entry, model)
         replace_module(model, entry["name"], new)
     _clear(model)
     record(model, [dict(e) for e in spec["layers"]])

@@ -357,7 +357,7 @@ def _plan_budget(
 # ----------------------------------------------------------------------------------------------
 # builders (also used to rebuild a saved spec)
 # ----------------------------------------------------------------------------------------------
-def _build_lowrank_conv(old: nn.Module, entry: dict[str, Any]) -> nn.Module:
+def _build_lowrank_conv(old: nn.Module, entry: dict[str, Any], root: nn.Module | None = None) -> nn.Module:
     if not isinstance(old, nn.Conv2d):
         raise ValueError(
             f"spec entry {entry['name']!r} (lowrank_conv2d) expects an nn.Conv2d, found {type(old).__name__}"
@@ -366,7 +366,7 @@ def _build_lowrank_conv(old: nn.Module, entry: dict[str, Any]) -> nn.Module:
     return LowRankConv2d.from_spec(entry).to(device=w.device, dtype=w.dtype)
 
 
-def _build_lowrank_linear(old: nn.Module, entry: dict[str, Any]) -> nn.Module:
+def _build_lowrank_linear(old: nn.Module, entry: dict[str, Any], root: nn.Module | None = None) -> nn.Module:
     if not isinstance(old, nn.Linear):
         raise ValueError(
             f"spec entry {entry['name']!r} (lowrank_linear) expects an nn.Linear, found {type(old).__name__}"
@@ -375,7 +375,7 @@ def _build_lowrank_linear(old: nn.Module, entry: dict[str, Any]) -> nn.Module:
     return LowRankLinear.from_spec(entry).to(device=w.device, dtype=w.dtype)
 
 
-def _build_dense_conv(old: nn.Module, entry: dict[str, Any]) -> nn.Module:
+def _build_dense_conv(old: nn.Module, entry: dict[str, Any], root: nn.Module | None = None) -> nn.Module:
     """A folded-back low-rank conv: rebuild the dense conv from the low-rank module's geometry."""
     if isinstance(old, LowRankConv2d):
         return old.to_dense()
@@ -384,7 +384,7 @@ def _build_dense_conv(old: nn.Module, entry: dict[str, Any]) -> nn.Module:
     )
 
 
-def _build_dense_linear(old: nn.Module, entry: dict[str, Any]) -> nn.Module:
+def _build_dense_linear(old: nn.Module, entry: dict[str, Any], root: nn.Module | None = None) -> nn.Module:
     if isinstance(old, LowRankLinear):
         return old.to_dense()
     raise ValueError(
@@ -397,7 +397,7 @@ def _acdc_kwargs(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: entry[k] for k in keys if k in entry}
 
 
-def _build_acdc_linear(old: nn.Module, entry: dict[str, Any]) -> nn.Module:
+def _build_acdc_linear(old: nn.Module, entry: dict[str, Any], root: nn.Module | None = None) -> nn.Module:
     acdc = _acdc_mod()
     w = old.weight  # type: ignore[union-attr]
     return acdc.ACDCStack(entry["in_features"], entry["out_features"], **_acdc_kwargs(entry)).to(
@@ -405,7 +405,7 @@ def _build_acdc_linear(old: nn.Module, entry: dict[str, Any]) -> nn.Module:
     )
 
 
-def _build_acdc_conv(old: nn.Module, entry: dict[str, Any]) -> nn.Module:
+def _build_acdc_conv(old: nn.Module, entry: dict[str, Any], root: nn.Module | None = None) -> nn.Module:
     acdc = _acdc_mod()
     w = old.weight  # type: ignore[union-attr]
     return acdc.ACDCConv1x1(
@@ -413,11 +413,19 @@ def _build_acdc_conv(old: nn.Module, entry: dict[str, Any]) -> nn.Module:
     ).to(device=w.device, dtype=w.dtype)
 
 
-def _build_tied_bottleneck(old: nn.Module, entry: dict[str, Any]) -> nn.Module:
-    return _tied_mod().TiedBottleneck.from_bottleneck(old)
+def _build_tied_bottleneck(old: nn.Module, entry: dict[str, Any], root: nn.Module | None = None) -> nn.Module:
+    new = _tied_mod().TiedBottleneck.from_bottleneck(old)
+    share = entry.get("share_with")
+    if share:
+        if root is None:
+            raise ValueError(
+                f"spec entry {entry['name']!r} shares W with {share!r} but no root model was given"
+            )
+        new.share_weight(specmod.get_submodule(root, share).weight)
+    return new
 
 
-def _build_tied_mlp(old: nn.Module, entry: dict[str, Any]) -> nn.Module:
+def _build_tied_mlp(old: nn.Module, entry: dict[str, Any], root: nn.Module | None = None) -> nn.Module:
     return _tied_mod().TiedMLP.from_mlp(old)
 
 
@@ -500,6 +508,7 @@ def convert(
     acdc_sigma: float = 0.01,
     acdc_steps: int = 300,
     acdc_lr: float = 1e-2,
+    tied_staged: bool = False,
     seed: int = 0,
 ) -> ConversionReport:
     """Replace selected layers of ``model`` in place and report what changed.
@@ -526,6 +535,8 @@ def convert(
             calibration is given.
         acdc_factors, acdc_relu, acdc_permute, acdc_sigma: ACDC stack hyper-parameters.
         acdc_steps, acdc_lr: Adam steps / learning rate of the layer-wise ACDC fit.
+        tied_staged: tied: one shared ``W`` per stage (the tieable blocks under one parent
+            module, e.g. ``layer3``) instead of one per block (Koyun & Toreyin's staged sharing).
         seed: seed of the ACDC permutations and of the fit's mini-batch sampling.
 
     Returns:
@@ -579,7 +590,7 @@ def convert(
             acdc_steps, acdc_lr, seed, keep_io,
         )  # fmt: skip
     else:
-        _convert_tied(candidates, exact, probe, rows, new_modules)
+        _convert_tied(candidates, exact, probe, rows, new_modules, tied_staged)
 
     # ---- errors on the calibration inputs, before swapping (the dense layers are still in place)
     for row in rows:
@@ -823,11 +834,13 @@ def _convert_tied(
     probe: _Probe,
     rows: list[LayerReport],
     new_modules: list[tuple[str, nn.Module, dict[str, Any]]],
+    staged: bool,
 ) -> None:
     tied = _tied_mod()
     from torchvision.models.resnet import Bottleneck
     from torchvision.models.vision_transformer import MLPBlock
 
+    stages: dict[str, list[tuple[str, nn.Module, LayerReport]]] = {}
     for name, m in candidates:
         row = LayerReport(
             name=name, kind="dense", status="converted", params_before=_n_params(m), params_after=_n_params(m)
@@ -835,6 +848,10 @@ def _convert_tied(
         rows.append(row)
         try:
             if isinstance(m, Bottleneck):
+                tied.check_tieable_bottleneck(m)
+                if staged:
+                    stages.setdefault(name.rpartition(".")[0], []).append((name, m, row))
+                    continue
                 new, kind = tied.TiedBottleneck.from_bottleneck(m), "tied_bottleneck"
             elif isinstance(m, MLPBlock):
                 new, kind = tied.TiedMLP.from_mlp(m), "tied_mlp"
@@ -848,6 +865,19 @@ def _convert_tied(
         row.kind = kind
         row.params_after = _n_params(new)
         new_modules.append((name, new, {"kind": kind}))
+    # staged sharing: one least-squares W per stage (the blocks of one parent container)
+    for members in stages.values():
+        news = tied.TiedBottleneck.from_bottlenecks([m for _, m, _ in members])
+        first = members[0][0]
+        for i, ((name, _, row), new) in enumerate(zip(members, news)):
+            row.kind = "tied_bottleneck"
+            row.detail = {"shared_W_with": first} if i else {"shared_W": f"{len(members)} blocks"}
+            # the shared W is counted once, in the first block of the stage
+            row.params_after = _n_params(new) - (new.weight.numel() if i else 0)
+            entry: dict[str, Any] = {"kind": "tied_bottleneck"}
+            if i:
+                entry["share_with"] = first
+            new_modules.append((name, new, entry))
 
 
 def fold_back(

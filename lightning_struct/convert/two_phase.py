@@ -36,7 +36,7 @@ __all__ = ["TwoPhaseResult", "fit_convert_finetune", "CONVERSION_KEYS"]
 #: keys of a ``conversion:`` config section that are passed to :func:`convert`
 CONVERSION_KEYS = (
     "method", "energy", "ratio", "rank", "budget", "budget_on", "include", "exclude", "types", "scheme",
-    "input_size", "acdc_factors", "acdc_relu", "acdc_permute", "acdc_sigma", "acdc_steps", "acdc_lr", "seed",
+    "input_size", "acdc_factors", "acdc_relu", "acdc_permute", "acdc_sigma", "acdc_steps", "acdc_lr", "tied_staged", "seed",
 )  # fmt: skip
 
 TrainerFactory = Callable[[str, list[Callback]], pl.Trainer]

@@ -323,3 +323,74 @@ def test_acdc_refuses_exactly_named_3x3_and_skips_globbed():
     assert "synthetic" in rep.layers[-1].detail["fit"]
     rep = convert(_net(), "acdc", include="classifier.fc2", acdc_steps=2)  # 12 factors: 1536 > 1056 params
     assert rep.layers[0].status == "kept dense: factorized cost not lower"
+
+
+# ----------------------------------------------------------------------------------------------
+# tied
+# ----------------------------------------------------------------------------------------------
+def _bottleneck_net(seed: int = 0) -> nn.Module:
+    from lightning_struct.models.pe import digits_bottleneck_cnn
+
+    torch.manual_seed(seed)
+    net = digits_bottleneck_cnn(channels=(16, 32), image_size=8)
+    with torch.no_grad():  # non-trivial BN statistics
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_tied_conversion_saves_params_skips_downsampling_and_reloads(staged, tmp_path):
+    from lightning_struct.nn.tied import TiedBottleneck
+
+    net = _bottleneck_net()
+    tieable = [
+        n
+        for n, m in net.named_modules()
+        if type(m).__name__ == "Bottleneck" and m.conv1.in_channels == m.conv3.out_channels
+    ]
+    rep = convert(net, "tied", tied_staged=staged)
+    status = {r.name: r.status for r in rep.layers}
+    assert sorted(n for n, s in status.items() if s == "converted") == sorted(tieable)
+    assert any(s.startswith("kept dense: cannot tie") for s in status.values())  # the downsampling block
+    saved = rep.params_before - rep.params_after
+    # per block: the expand conv (r x C); staged: plus one W per extra block of a stage
+    blocks = [net.get_submodule(n) for n in tieable]
+    expect = sum(b.weight.numel() for b in blocks)
+    if staged:
+        expect += sum(b.weight.numel() for b in blocks) // 2  # 2 blocks per stage: the second W is shared
+    assert saved == expect
+    assert sum(r.params_before - r.params_after for r in rep.layers) == saved
+    assert all(isinstance(b, TiedBottleneck) for b in blocks)
+    if staged:
+        assert blocks[0].weight is blocks[1].weight
+    ref = copy.deepcopy(net)
+    x = torch.randn(4, 1, 8, 8)
+    # reload into a fresh dense model: structure (and sharing) rebuilt, same function
+    torch.save({"state_dict": net.state_dict(), SPEC_KEY: get_spec(net)}, tmp_path / "t.pt")
+    fresh = _bottleneck_net(seed=5)
+    load_converted(tmp_path / "t.pt", fresh)
+    fresh.eval()
+    torch.testing.assert_close(fresh(x), ref(x))
+    fb = [fresh.get_submodule(n) for n in tieable]
+    assert (fb[0].weight is fb[1].weight) == staged
+    with pytest.raises(ValueError, match="cannot be tied"):
+        convert(_bottleneck_net(), "tied", include="down")
+
+
+def test_tied_vit_mlp_blocks():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from lightning_struct.nn.tied import TiedMLP
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=16, num_classes=3
+    )
+    rep = convert(vit, "tied", calibration=torch.randn(2, 3, 16, 16))
+    assert len(rep.converted) == 2 and all(r.kind == "tied_mlp" for r in rep.converted)
+    assert rep.params_before - rep.params_after == 2 * 16 * 8
+    assert isinstance(vit.encoder.layers[0].mlp, TiedMLP)
+    assert rep.output_rel_error is not None and rep.converted[0].output_rel_error is not None
