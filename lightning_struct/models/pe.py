@@ -194,6 +194,7 @@ def digits_bottleneck_cnn(
     channels: tuple[int, int] = (64, 128),
     blocks: int = 2,
     staged: bool = False,
+    zero_init_residual: bool = True,
 ) -> nn.Module:
     """A two-stage bottleneck CNN for the digits data (the tied-vs-untied evidence model).
 
@@ -210,6 +211,14 @@ def digits_bottleneck_cnn(
     defaults the tied model has ``2 * (16*64 + 32*128) = 10,240`` fewer parameters
     (``staged=True``: 5,120 more saved). ``image_size`` is accepted for config uniformity
     (the global pool makes the model size-agnostic).
+
+    ``zero_init_residual`` (default on, for both versions) starts every block's last BN at
+    zero, so every block starts as the identity. It matters more for tied blocks: at
+    initialisation their residual branch ``W^T G(W x)`` is strongly correlated with ``x`` (it is
+    ``W^T W x`` up to the middle), unlike an independent random expand conv. On digits (8 px,
+    channels (64, 128), Adam 3e-3, 10 epochs, seeds 0/1/2) the tied-minus-untied test accuracy
+    was -0.27/+0.28/0.00 points with it and -0.84/-0.55/-0.83 without it (8 epochs; -1.1 to
+    -1.7 after 15 epochs).
     """
     from torchvision.models.resnet import Bottleneck
 
@@ -229,7 +238,7 @@ def digits_bottleneck_cnn(
     down = Bottleneck(
         c1, c2 // 4, stride=2, downsample=nn.Sequential(nn.Conv2d(c1, c2, 1, stride=2, bias=False), nn.BatchNorm2d(c2))
     )
-    return nn.Sequential(
+    model = nn.Sequential(
         OrderedDict(
             stem=nn.Sequential(nn.Conv2d(in_channels, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1), nn.ReLU(inplace=True)),
             stage1=nn.Sequential(*stage(c1)),
@@ -240,3 +249,8 @@ def digits_bottleneck_cnn(
             fc=nn.Linear(c2, num_classes),
         )
     )
+    if zero_init_residual:
+        for m in model.modules():
+            if isinstance(m, (Bottleneck, TiedBottleneck)):
+                nn.init.zeros_(m.bn3.weight)
+    return model
