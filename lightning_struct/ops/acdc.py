@@ -105,28 +105,39 @@ class _ACDCStackFunction(torch.autograd.Function):
         device = x.device
         order, inverse = makhoul_index(n, device)
         fwd, inv = packed_twiddles(n, x.dtype, device)
-        a_g = a[:, order]
-        ab_g = a_bias[:, order] if a_bias is not None else None
+        a_g = a.index_select(1, order)
+        ab_g = a_bias.index_select(1, order) if a_bias is not None else None
         dp = _packed_diag(d)
         bp = torch.view_as_real(dct_to_packed(d_bias)) if d_bias is not None else None
 
+        # elementwise temporaries live in two workspaces reused by every factor (the FFTs
+        # allocate their outputs: their ``out=`` variants only add a copy)
+        ws_h = torch.empty_like(x)
+        ws_q = x.new_empty(bsz, n // 2 + 1, 2)
         v = torch.gather(x, 1, order.expand(bsz, n))
         inputs: list[Tensor] = []
         spectra: list[Tensor] = []
-        y = v
+        out = x
         for k in range(k_total):
             inputs.append(v)
-            h = torch.addcmul(ab_g[k], v, a_g[k]) if ab_g is not None else v * a_g[k]
-            p = torch.fft.rfft(h, dim=-1).mul_(fwd)
+            if ab_g is not None:
+                torch.addcmul(ab_g[k], v, a_g[k], out=ws_h)
+            else:
+                torch.mul(v, a_g[k], out=ws_h)
+            p = torch.fft.rfft(ws_h, dim=-1).mul_(fwd)
             spectra.append(p)
             pr = torch.view_as_real(p)
-            q = torch.addcmul(bp[k], pr, dp[k]) if bp is not None else pr * dp[k]
-            y = torch.fft.irfft(torch.view_as_complex(q).mul_(inv), n=n, dim=-1)
+            if bp is not None:
+                torch.addcmul(bp[k], pr, dp[k], out=ws_q)
+            else:
+                torch.mul(pr, dp[k], out=ws_q)
+            ws_y = torch.fft.irfft(torch.view_as_complex(ws_q).mul_(inv), n=n, dim=-1)
             if k < k_total - 1:
                 if relu:
-                    y = y.relu_()
-                v = torch.gather(y, 1, fused_perm[k].expand(bsz, n)) if fused_perm is not None else y
-        out = torch.gather(y, 1, inverse.expand(bsz, n))
+                    ws_y.relu_()
+                v = torch.gather(ws_y, 1, fused_perm[k].expand(bsz, n)) if fused_perm is not None else ws_y
+            else:
+                out = torch.gather(ws_y, 1, inverse.expand(bsz, n))
         ctx.save_for_backward(a_g, dp, fused_perm_inv, *inputs, *spectra)
         ctx.k_total = k_total
         ctx.has_bias = a_bias is not None
@@ -150,32 +161,37 @@ class _ACDCStackFunction(torch.autograd.Function):
         g_ab = torch.empty_like(a_g) if ctx.has_bias else None
         g_db_slots = torch.empty_like(dp) if ctx.has_bias else None
 
+        # workspaces reused by every factor (see forward)
+        ws_r = torch.view_as_real(spectra[0]).new_empty(torch.view_as_real(spectra[0]).shape)
+        ws_t = torch.empty_like(inputs[0])
         g = torch.gather(grad_out, 1, order.expand(bsz, n))  # gradient of y_K, reordered
         g_x = None
         for k in range(k_total - 1, -1, -1):
-            pg = torch.fft.rfft(g, dim=-1).mul_(fwd)  # packed C g
-            pgr = torch.view_as_real(pg)
-            torch.sum(pgr * torch.view_as_real(spectra[k]), dim=0, out=g_d_slots[k])
+            pgr = torch.view_as_real(torch.fft.rfft(g, dim=-1).mul_(fwd))  # packed C g
+            torch.sum(torch.mul(pgr, torch.view_as_real(spectra[k]), out=ws_r), dim=0, out=g_d_slots[k])
             if g_db_slots is not None:
                 torch.sum(pgr, dim=0, out=g_db_slots[k])
-            gh = torch.fft.irfft(torch.view_as_complex(pgr * dp[k]).mul_(inv), n=n, dim=-1)
-            torch.sum(gh * inputs[k], dim=0, out=g_a[k])
+            torch.mul(pgr, dp[k], out=ws_r)
+            ws_gh = torch.fft.irfft(torch.view_as_complex(ws_r).mul_(inv), n=n, dim=-1)  # C^T (d * C g)
+            torch.sum(torch.mul(ws_gh, inputs[k], out=ws_t), dim=0, out=g_a[k])
             if g_ab is not None:
-                torch.sum(gh, dim=0, out=g_ab[k])
+                torch.sum(ws_gh, dim=0, out=g_ab[k])
             if k == 0 and not ctx.needs_input_grad[0]:
                 break
-            g = gh.mul_(a_g[k])  # gradient of this factor's (reordered) input
+            gh = ws_gh.mul_(a_g[k])  # gradient of this factor's (reordered) input
             if k > 0:
-                if ctx.relu:
-                    g = torch.ops.aten.threshold_backward(g, inputs[k], 0)  # g * (input > 0), one pass
+                if ctx.relu:  # gh * (input > 0) in one pass
+                    gh = torch.ops.aten.threshold_backward.grad_input(gh, inputs[k], 0, grad_input=ws_t)
                 if fused_perm_inv is not None:
-                    g = torch.gather(g, 1, fused_perm_inv[k - 1].expand(bsz, n))
+                    g = torch.gather(gh, 1, fused_perm_inv[k - 1].expand(bsz, n), out=g)
+                else:
+                    g = gh  # read by the next rfft before the workspaces are overwritten
             else:
-                g_x = torch.gather(g, 1, inverse.expand(bsz, n))
+                g_x = torch.gather(gh, 1, inverse.expand(bsz, n))
 
-        grad_a = g_a[:, inverse] if ctx.needs_input_grad[1] else None
+        grad_a = g_a.index_select(1, inverse) if ctx.needs_input_grad[1] else None
         grad_d = _assemble(g_d_slots, n, negate_imag=False) if ctx.needs_input_grad[2] else None
-        grad_ab = g_ab[:, inverse] if g_ab is not None and ctx.needs_input_grad[3] else None
+        grad_ab = g_ab.index_select(1, inverse) if g_ab is not None and ctx.needs_input_grad[3] else None
         grad_db = (
             _assemble(g_db_slots, n, negate_imag=True) if g_db_slots is not None and ctx.needs_input_grad[4] else None
         )

@@ -70,11 +70,12 @@ def test_stack_without_relu_is_product_of_dense_factors_and_permutations(bias: b
 
 @pytest.mark.parametrize("n", [6, 7])
 @pytest.mark.parametrize("relu", [False, True])
-def test_fast_path_matches_reference_values_and_gradients(n: int, relu: bool) -> None:
+@pytest.mark.parametrize("permute", [False, True])
+def test_fast_path_matches_reference_values_and_gradients(n: int, relu: bool, permute: bool) -> None:
     g = torch.Generator().manual_seed(n)
     k = 3
     a, d, ab, db = (torch.randn(k, n, generator=g, dtype=D).mul(0.4).add(1).requires_grad_() for _ in range(4))
-    perms = torch.stack([torch.randperm(n, generator=g) for _ in range(k - 1)])
+    perms = torch.stack([torch.randperm(n, generator=g) for _ in range(k - 1)]) if permute else None
     x = torch.randn(2, 3, n, generator=g, dtype=D, requires_grad=True)
     args = (x, a, d, ab, db)
     fast = acdc_stack(*args, perms, relu)
