@@ -262,6 +262,11 @@ class ConvTiming:
         return self.direct_s / self.fft_s if self.fft_s > 0 else math.inf
 
 
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -288,6 +293,7 @@ def time_direct_vs_fft(
     warmup: int = 1,
     context: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     seed: int = 0,
+    decisive_ratio: float | None = 4.0,
 ) -> ConvTiming:
     """Time ``conv`` directly and as an FFT convolution on a random input of ``input_shape``.
 
@@ -295,8 +301,10 @@ def time_direct_vs_fft(
     ``.grad`` fields are never touched) in train mode; ``train=False`` times the forward in eval
     mode under ``torch.no_grad`` (the FFT layer's kernel-spectrum cache is warm, as in
     inference). The two versions alternate (``warmup`` + ``repeats`` calls each) so drifting
-    load affects both alike; the medians are returned. ``context`` (e.g. an autocast context
-    factory) wraps every call. The random input comes from a private generator: the global RNG
+    load affects both alike; the medians are returned. Once a timed round shows one version
+    ``decisive_ratio`` times slower than the other, timing stops early (noise cannot flip such a
+    gap; this keeps the measurement of huge direct layers short); ``None`` always runs all
+    ``repeats``. ``context`` (e.g. an autocast context factory) wraps every call. The random input comes from a private generator: the global RNG
     state is not touched. Parameters are shared, never modified.
     """
     if repeats < 1 or warmup < 0:
@@ -348,5 +356,9 @@ def time_direct_vs_fft(
                 _sync(device)
                 if i >= warmup:
                     times[name].append(time.perf_counter() - t0)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+            if i >= warmup and decisive_ratio is not None:
+                a, b = _median(times["direct"]), _median(times["fft"])
+                if max(a, b) >= decisive_ratio * min(a, b):
+                    break
+    med = {k: _median(v) for k, v in times.items()}
     return ConvTiming(med["direct"], med["fft"])
