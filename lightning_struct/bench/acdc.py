@@ -40,7 +40,9 @@ class TorchDctACDCStack(nn.Module):
         self.d = nn.Parameter(ours.d.detach().clone())
         self.a_bias = nn.Parameter(ours.a_bias.detach().clone()) if ours.a_bias is not None else None
         self.d_bias = nn.Parameter(ours.d_bias.detach().clone()) if ours.d_bias is not None else None
-        self.register_buffer("permutations", ours.permutations.clone() if ours.permutations is not None else None)
+        self.register_buffer(
+            "permutations", ours.permutations.clone() if ours.permutations is not None else None
+        )
         self.relu = ours.relu
 
     def forward(self, x: Tensor) -> Tensor:
@@ -99,7 +101,10 @@ def _case(n: int, batch: int, k: int, bias: bool, repeats: int, device: str) -> 
         "bias": bias,
     }
     tag = f"N={n} B={batch} K={k}{' bias' if bias else ''}"
-    print(f"  {tag}: parameters ours {p_ours:,} vs dense {p_dense:,} -> {p_dense / p_ours:.1f}x fewer", flush=True)
+    print(
+        f"  {tag}: parameters ours {p_ours:,} vs dense {p_dense:,} -> {p_dense / p_ours:.1f}x fewer",
+        flush=True,
+    )
     t_ours = median_time(_step(ours, x, g), repeats=repeats, warmup=2, device=device)
     t_dense = median_time(_step(dense, x, g), repeats=repeats, warmup=1, device=device)
     t_base = median_time(_step(base, x, g), repeats=repeats, warmup=1, device=device)

@@ -52,7 +52,7 @@ def alexnet_acdc(
     model = torchvision.models.alexnet(weights=None, num_classes=num_classes, dropout=dropout)
     kw = {"n_factors": n_factors, "sigma": sigma, "relu": relu, "permute": permute, "bias": bias}
     fc6, fc7 = model.classifier[1], model.classifier[4]
-    if not (isinstance(fc6, nn.Linear) and isinstance(fc7, nn.Linear)):  # pragma: no cover - torchvision layout
+    if not (isinstance(fc6, nn.Linear) and isinstance(fc7, nn.Linear)):  # pragma: no cover
         raise RuntimeError("unexpected torchvision AlexNet classifier layout")
     model.classifier[1] = ACDCStack(fc6.in_features, fc6.out_features, seed=seed, **kw)
     model.classifier[4] = ACDCStack(fc7.in_features, fc7.out_features, seed=seed + 1, **kw)

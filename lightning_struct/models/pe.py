@@ -60,7 +60,9 @@ def tie_resnet_blocks(model: nn.Module, staged: bool = False, zero_init_residual
     for stage_name in ("layer1", "layer2", "layer3", "layer4"):
         stage = getattr(model, stage_name, None)
         if not isinstance(stage, nn.Sequential):
-            raise ValueError(f"tie_resnet_blocks: model has no nn.Sequential {stage_name!r}; is it a torchvision ResNet?")
+            raise ValueError(
+                f"tie_resnet_blocks: model has no nn.Sequential {stage_name!r}; is it a torchvision ResNet?"
+            )
         shared: nn.Parameter | None = None
         for i, block in enumerate(stage):
             if not _tieable(block):
@@ -119,7 +121,9 @@ def resnet50_pe(num_classes: int = 1000, staged: bool = False, zero_init_residua
     """
     import torchvision
 
-    model = torchvision.models.resnet50(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
+    model = torchvision.models.resnet50(
+        weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual
+    )
     tie_resnet_blocks(model, staged=staged, zero_init_residual=zero_init_residual)
     return model
 
@@ -157,10 +161,14 @@ def vision_transformer(
     from torchvision.models.vision_transformer import VisionTransformer
 
     if variant not in VIT_VARIANTS:
-        raise ValueError(f"vision_transformer: unknown variant {variant!r}; choose one of {sorted(VIT_VARIANTS)}")
+        raise ValueError(
+            f"vision_transformer: unknown variant {variant!r}; choose one of {sorted(VIT_VARIANTS)}"
+        )
     cfg: dict[str, Any] = {**VIT_VARIANTS[variant], **overrides}
     if image_size % int(cfg["patch_size"]):
-        raise ValueError(f"vision_transformer: image_size={image_size} is not divisible by patch_size={cfg['patch_size']}")
+        raise ValueError(
+            f"vision_transformer: image_size={image_size} is not divisible by patch_size={cfg['patch_size']}"
+        )
     model = VisionTransformer(image_size=image_size, num_classes=num_classes, **cfg)
     if tied:
         dropout = float(cfg.get("dropout", 0.0))
@@ -169,7 +177,9 @@ def vision_transformer(
     return model
 
 
-def vit_pe(variant: str = "b_16", image_size: int = 224, num_classes: int = 1000, **overrides: Any) -> nn.Module:
+def vit_pe(
+    variant: str = "b_16", image_size: int = 224, num_classes: int = 1000, **overrides: Any
+) -> nn.Module:
     """ViT-PE: torchvision ViT whose every FFN is ``W^T GELU(W x + b1) + b2`` (:class:`TiedMLP`).
 
     Attention is left untied (how the paper ties attention is unconfirmed). Parameter counts
@@ -232,15 +242,25 @@ def digits_bottleneck_cnn(
         if not tied:
             return [Bottleneck(c, c // 4) for _ in range(blocks)]
         first = TiedBottleneck(c, c // 4)
-        rest = [TiedBottleneck(c, c // 4, shared_weight=first.weight if staged else None) for _ in range(blocks - 1)]
+        rest = [
+            TiedBottleneck(c, c // 4, shared_weight=first.weight if staged else None)
+            for _ in range(blocks - 1)
+        ]
         return [first, *rest]
 
     down = Bottleneck(
-        c1, c2 // 4, stride=2, downsample=nn.Sequential(nn.Conv2d(c1, c2, 1, stride=2, bias=False), nn.BatchNorm2d(c2))
+        c1,
+        c2 // 4,
+        stride=2,
+        downsample=nn.Sequential(nn.Conv2d(c1, c2, 1, stride=2, bias=False), nn.BatchNorm2d(c2)),
     )
     model = nn.Sequential(
         OrderedDict(
-            stem=nn.Sequential(nn.Conv2d(in_channels, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1), nn.ReLU(inplace=True)),
+            stem=nn.Sequential(
+                nn.Conv2d(in_channels, c1, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c1),
+                nn.ReLU(inplace=True),
+            ),
             stage1=nn.Sequential(*stage(c1)),
             down=down,
             stage2=nn.Sequential(*stage(c2)),

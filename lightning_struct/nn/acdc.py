@@ -97,7 +97,9 @@ class ACDCStack(nn.Module):
     ) -> None:
         super().__init__()
         self.in_features = _check_int("in_features", in_features, 1)
-        self.out_features = _check_int("out_features", out_features if out_features is not None else in_features, 1)
+        self.out_features = _check_int(
+            "out_features", out_features if out_features is not None else in_features, 1
+        )
         self.n_factors = _check_int("n_factors", n_factors, 1)
         self.sigma = _check_sigma(sigma)
         self.relu = bool(relu)
@@ -145,7 +147,9 @@ class ACDCStack(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"{type(self).__name__}: expected input (..., {self.in_features}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: expected input (..., {self.in_features}), got {tuple(x.shape)}"
+            )
         if self.in_features < self.size:
             x = F.pad(x, (0, self.size - self.in_features))
         y = acdc_stack(
@@ -192,7 +196,11 @@ class ACDCStack(nn.Module):
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` computing the same map (ReLU-free stacks only)."""
         lin = nn.Linear(
-            self.in_features, self.out_features, bias=self.a_bias is not None, device=self.a.device, dtype=self.a.dtype
+            self.in_features,
+            self.out_features,
+            bias=self.a_bias is not None,
+            device=self.a.device,
+            dtype=self.a.dtype,
         )
         lin.weight.copy_(self.dense_matrix())
         if lin.bias is not None:
@@ -292,7 +300,9 @@ class ACDCConv1x1(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"ACDCConv1x1: expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+            raise ValueError(
+                f"ACDCConv1x1: expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         return self.stack(x.movedim(1, -1)).movedim(-1, 1)

@@ -41,13 +41,20 @@ __all__ = ["TiedBottleneck", "TiedMLP", "check_tieable_bottleneck"]
 def _conv1x1_ok(conv: Any, name: str) -> None:
     if not isinstance(conv, nn.Conv2d):
         raise ValueError(f"{name} must be an nn.Conv2d, got {type(conv).__name__}")
-    if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.padding not in ((0, 0), "valid") or conv.groups != 1:
+    if (
+        conv.kernel_size != (1, 1)
+        or conv.stride != (1, 1)
+        or conv.padding not in ((0, 0), "valid")
+        or conv.groups != 1
+    ):
         raise ValueError(
             f"{name} must be a plain 1x1 conv (kernel 1, stride 1, padding 0, groups 1) to be tied; got "
             f"kernel={conv.kernel_size}, stride={conv.stride}, padding={conv.padding}, groups={conv.groups}"
         )
     if conv.bias is not None:
-        raise ValueError(f"{name} has a bias; tied bottlenecks have bias-free 1x1 convs (the BN after it has one)")
+        raise ValueError(
+            f"{name} has a bias; tied bottlenecks have bias-free 1x1 convs (the BN after it has one)"
+        )
 
 
 def check_tieable_bottleneck(block: nn.Module) -> None:
@@ -215,7 +222,9 @@ class TiedBottleneck(nn.Module):
         return new
 
     @classmethod
-    def from_bottlenecks(cls, blocks: Sequence[nn.Module], mode: TieMode = "balanced") -> list[TiedBottleneck]:
+    def from_bottlenecks(
+        cls, blocks: Sequence[nn.Module], mode: TieMode = "balanced"
+    ) -> list[TiedBottleneck]:
         """Staged sharing from trained blocks: one least-squares ``W`` for all ``blocks``.
 
         ``W = (1/2B) sum_b (c_b R_b + e_b E_b^T)``; every returned block holds the same
@@ -297,7 +306,9 @@ class TiedMLP(nn.Module):
             nn.init.normal_(self.bias2, std=1e-6)
         if shared_weight is not None:
             if shared_weight.shape != self.weight.shape:
-                raise ValueError(f"shared_weight has shape {tuple(shared_weight.shape)}, need {tuple(self.weight.shape)}")
+                raise ValueError(
+                    f"shared_weight has shape {tuple(shared_weight.shape)}, need {tuple(self.weight.shape)}"
+                )
             self.weight = shared_weight
 
     def forward(self, x: Tensor) -> Tensor:
@@ -318,7 +329,9 @@ class TiedMLP(nn.Module):
         """
         linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
         if len(linears) != 2:
-            raise ValueError(f"from_mlp: expected exactly two nn.Linear in {type(block).__name__}, found {len(linears)}")
+            raise ValueError(
+                f"from_mlp: expected exactly two nn.Linear in {type(block).__name__}, found {len(linears)}"
+            )
         fc1, fc2 = linears
         h, d = fc1.weight.shape
         if fc2.weight.shape != (d, h):

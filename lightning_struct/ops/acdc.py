@@ -40,9 +40,15 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_struct.ops.dct import dct, dct_to_packed, idct, makhoul_index, packed_to_dct, packed_twiddles
+from lightning_struct.ops.dct import dct, dct_to_packed, idct, makhoul_index, packed_twiddles
 
-__all__ = ["acdc_dense_matrix", "acdc_stack", "acdc_stack_reference", "check_acdc_args", "prepare_permutations"]
+__all__ = [
+    "acdc_dense_matrix",
+    "acdc_stack",
+    "acdc_stack_reference",
+    "check_acdc_args",
+    "prepare_permutations",
+]
 
 
 def check_acdc_args(
@@ -55,7 +61,9 @@ def check_acdc_args(
 ) -> None:
     """Validate the shapes of :func:`acdc_stack` arguments (raises ``ValueError``/``TypeError``)."""
     if a.ndim != 2 or d.shape != a.shape:
-        raise ValueError(f"acdc_stack: a and d must both have shape (K, N); got {tuple(a.shape)} and {tuple(d.shape)}")
+        raise ValueError(
+            f"acdc_stack: a and d must both have shape (K, N); got {tuple(a.shape)} and {tuple(d.shape)}"
+        )
     k, n = a.shape
     if x.shape[-1] != n:
         raise ValueError(f"acdc_stack: input last dim {x.shape[-1]} does not match the factor size N={n}")
@@ -193,7 +201,9 @@ class _ACDCStackFunction(torch.autograd.Function):
         grad_d = _assemble(g_d_slots, n, negate_imag=False) if ctx.needs_input_grad[2] else None
         grad_ab = g_ab.index_select(1, inverse) if g_ab is not None and ctx.needs_input_grad[3] else None
         grad_db = (
-            _assemble(g_db_slots, n, negate_imag=True) if g_db_slots is not None and ctx.needs_input_grad[4] else None
+            _assemble(g_db_slots, n, negate_imag=True)
+            if g_db_slots is not None and ctx.needs_input_grad[4]
+            else None
         )
         return g_x, grad_a, grad_d, grad_ab, grad_db, None, None, None
 
@@ -261,7 +271,8 @@ def acdc_stack(
             fused, fused_inv = prepared
         else:
             fused, fused_inv = prepare_permutations(permutations.to(x.device))
-    out = _ACDCStackFunction.apply(x2.contiguous(), *cast, fused, fused_inv, bool(relu))
+    with torch.autocast(x2.device.type, enabled=False):  # the FFT path runs in float32/64
+        out = _ACDCStackFunction.apply(x2.contiguous(), *cast, fused, fused_inv, bool(relu))
     return out.reshape(*lead, n)
 
 

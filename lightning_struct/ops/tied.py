@@ -100,7 +100,9 @@ def tied_weight_least_squares(
         mr = as_matrix(wr, f"reduce_weights[{i}]").detach()
         me = as_matrix(we, f"expand_weights[{i}]").detach()
         if mr.shape != (r, c_in):
-            raise ValueError(f"reduce_weights[{i}] has shape {tuple(mr.shape)[:2]}, expected {(r, c_in)} like the first")
+            raise ValueError(
+                f"reduce_weights[{i}] has shape {tuple(mr.shape)[:2]}, expected {(r, c_in)} like the first"
+            )
         if me.shape != (c_in, r):
             raise ValueError(
                 f"expand_weights[{i}] has shape {tuple(me.shape)[:2]}; tying needs the transpose of the reduce "

@@ -60,7 +60,9 @@ def test_alexnet_acdc() -> None:
     m = alexnet_acdc(num_classes=5)
     assert isinstance(m.classifier[1], ACDCStack) and isinstance(m.classifier[4], ACDCStack)
     assert m.classifier[1].in_features == 9216 and m.classifier[1].out_features == 4096
-    assert m.classifier[1].n_factors == 12 and m.classifier[1].relu and m.classifier[1].permutations is not None
+    assert (
+        m.classifier[1].n_factors == 12 and m.classifier[1].relu and m.classifier[1].permutations is not None
+    )
     assert _n(m.classifier[1]) + _n(m.classifier[4]) == 12 * 4 * (9216 + 4096)
     assert not torch.equal(m.classifier[1].permutations[:, :10], m.classifier[4].permutations[:, :10])
     assert m(torch.randn(2, 3, 64, 64)).shape == (2, 5)

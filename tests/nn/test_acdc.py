@@ -74,7 +74,9 @@ def test_stack_without_relu_is_product_of_dense_factors_and_permutations(bias: b
 def test_fast_path_matches_reference_values_and_gradients(n: int, relu: bool, permute: bool) -> None:
     g = torch.Generator().manual_seed(n)
     k = 3
-    a, d, ab, db = (torch.randn(k, n, generator=g, dtype=D).mul(0.4).add(1).requires_grad_() for _ in range(4))
+    a, d, ab, db = (
+        torch.randn(k, n, generator=g, dtype=D).mul(0.4).add(1).requires_grad_() for _ in range(4)
+    )
     perms = torch.stack([torch.randperm(n, generator=g) for _ in range(k - 1)]) if permute else None
     x = torch.randn(2, 3, n, generator=g, dtype=D, requires_grad=True)
     args = (x, a, d, ab, db)
@@ -96,7 +98,9 @@ def test_module_gradcheck_small() -> None:
     params = tuple(stack.parameters())
 
     def f(x: torch.Tensor, *ps: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(stack, dict(zip([n for n, _ in stack.named_parameters()], ps)), (x,))
+        return torch.func.functional_call(
+            stack, dict(zip([n for n, _ in stack.named_parameters()], ps)), (x,)
+        )
 
     assert torch.autograd.gradcheck(f, (x, *params))
 
@@ -147,7 +151,11 @@ def test_identity_init_and_seeded_permutations() -> None:
     s = ACDCStack(16, n_factors=3, relu=False, permute=False, sigma=0.0)
     x = torch.randn(2, 16)
     torch.testing.assert_close(s(x), x, rtol=0, atol=1e-5)
-    s1, s2, s3 = ACDCStack(16, n_factors=4, seed=7), ACDCStack(16, n_factors=4, seed=7), ACDCStack(16, n_factors=4, seed=8)
+    s1, s2, s3 = (
+        ACDCStack(16, n_factors=4, seed=7),
+        ACDCStack(16, n_factors=4, seed=7),
+        ACDCStack(16, n_factors=4, seed=8),
+    )
     assert torch.equal(s1.permutations, s2.permutations) and not torch.equal(s1.permutations, s3.permutations)
     assert all(sorted(p.tolist()) == list(range(16)) for p in s1.permutations)
     assert "permutations" in s1.state_dict()
@@ -207,7 +215,12 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match=r"expected input \(\.\.\., 8\)"):
         ACDCStack(8)(torch.randn(2, 9))
     with pytest.raises(ValueError, match="permutations must have shape"):
-        acdc_stack(torch.randn(2, 4), torch.ones(3, 4), torch.ones(3, 4), permutations=torch.zeros(3, 4, dtype=torch.long))
+        acdc_stack(
+            torch.randn(2, 4),
+            torch.ones(3, 4),
+            torch.ones(3, 4),
+            permutations=torch.zeros(3, 4, dtype=torch.long),
+        )
     with pytest.raises(ValueError, match="expected int64"):
         prepare_permutations(torch.zeros(2, 4, dtype=torch.int32))
 

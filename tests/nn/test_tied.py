@@ -153,7 +153,9 @@ def test_from_bottlenecks_shares_one_weight() -> None:
 
 
 def test_downsampling_blocks_are_refused() -> None:
-    proj = Bottleneck(64, 64, stride=2, downsample=nn.Sequential(nn.Conv2d(64, 256, 1, stride=2), nn.BatchNorm2d(256)))
+    proj = Bottleneck(
+        64, 64, stride=2, downsample=nn.Sequential(nn.Conv2d(64, 256, 1, stride=2), nn.BatchNorm2d(256))
+    )
     with pytest.raises(ValueError, match="downsampling/projection"):
         TiedBottleneck.from_bottleneck(proj)
     with pytest.raises(ValueError, match="inplanes=64"):
