@@ -364,9 +364,10 @@ def _check_energy(energy: float) -> float:
 
 
 def _squared_singular_values(weight: Tensor, groups: int) -> Tensor:
-    """Descending squared singular values ``(G, min(Ng, D))`` of each group's filter matrix, in
-    float64 (eigenvalues of the smaller Gram matrix)."""
-    w = weight.detach().reshape(groups, weight.shape[0] // groups, -1).to(torch.float64)
+    """Descending squared singular values ``(G, min(Ng, D))`` of each group's filter matrix:
+    eigenvalues of the smaller Gram matrix, in float64 for float64 weights and float32
+    otherwise (the energy fractions are then accurate to about 1e-6, plenty for a rank rule)."""
+    w = filter_matrix(weight, groups)
     ng, dd = w.shape[1], w.shape[2]
     gram = torch.bmm(w, w.transpose(1, 2)) if ng <= dd else torch.bmm(w.transpose(1, 2), w)
     ev = torch.linalg.eigvalsh(gram).clamp_(min=0.0)  # ascending
@@ -397,9 +398,10 @@ def filter_ranks(weight: Tensor, energies: Sequence[float] = (0.95,), groups: in
         total = s2.sum(-1, keepdim=True)
         frac = s2.cumsum(-1) / torch.where(total > 0, total, torch.ones_like(total))
         k = s2.shape[-1]
-        e = torch.tensor(es, dtype=torch.float64, device=s2.device)
+        e = torch.tensor(es, dtype=s2.dtype, device=s2.device)
+        tol = 1e-12 if s2.dtype == torch.float64 else 1e-6
         # number of leading values whose cumulative fraction is still short of the target, + 1
-        short = (frac.unsqueeze(1) < (e - 1e-12).view(1, -1, 1)).sum(-1)  # (G, E)
+        short = (frac.unsqueeze(1) < (e - tol).view(1, -1, 1)).sum(-1)  # (G, E)
         ranks = torch.clamp(short + 1, max=k)
         ranks = torch.where(total > 0, ranks, torch.zeros_like(ranks))
         return [int(v) for v in ranks.sum(0).tolist()]

@@ -289,6 +289,7 @@ def test_filter_rank_against_numpy_svd(shape: tuple[int, ...], energy: float) ->
     w = (u[:, :k] * s) @ v[:, :k].T
     w = w.reshape(shape)
     assert filter_rank(w, energy) == numpy_rank(w, energy)
+    assert filter_rank(w.float(), energy) == numpy_rank(w, energy)  # float32 path (monitoring)
 
 
 def test_filter_rank_structured_cases() -> None:
