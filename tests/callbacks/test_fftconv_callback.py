@@ -190,6 +190,26 @@ def test_auto_swaps_large_kernel_and_keeps_small_one(monkeypatch, tmp_path: Path
     )
 
 
+@pytest.mark.slow
+def test_wandb_table_written_offline(tmp_path: Path) -> None:
+    import json
+
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    cb = FFTConvolution(policy="always")
+    logger = WandbLogger(project="fftconv-test", save_dir=str(tmp_path), offline=True)
+    try:
+        make_trainer([cb], logger=logger, max_steps=1).fit(Module(), make_loader())
+    finally:
+        wandb.finish()
+    tables = list(tmp_path.rglob("decisions*.table.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    assert table["columns"][:2] == ["stage", "layer"]
+    assert [r[1] for r in table["data"]] == ["net.conv1", "net.conv2", "net.conv3"]
+
+
 def test_auto_leaves_rng_and_batchnorm_untouched() -> None:
     """The dry forward runs in eval mode and the RNG state is restored: the run is identical."""
     runs = []
