@@ -69,7 +69,7 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d)
 class FFTDecision:
     """What the callback decided for one layer at one stage.
 
-    ``direct_ms`` / ``fft_ms`` are medians in milliseconds per call (summed over the calls of
+    ``direct_ms`` / ``fft_ms`` are the fastest timed call in milliseconds (summed over the calls of
     the layer in one forward), ``nan`` when nothing was timed (``policy="always"``/list, or the
     layer did not run in the dry forward).
     """
@@ -185,7 +185,7 @@ class FFTConvolution(Callback):
         include: name globs of candidate layers (``None``: every Conv1d/Conv2d).
         exclude: name globs removed from the candidates.
         margin: ``>= 1``; FFT is chosen when ``fft_time * margin <= direct_time``.
-        repeats: timed calls per version and layer (the median is used); ``warmup`` untimed calls
+        repeats: timed calls per version and layer (the fastest is used); ``warmup`` untimed calls
             come first.
         revert_on_end: swap back to the direct layers at the end of each stage.
         stages: the Trainer entry points at which to decide (default all four).

@@ -251,7 +251,8 @@ def fft_module_for(conv: nn.Module, *, cache_spectrum: bool = True) -> nn.Module
 # --------------------------------------------------------------------------------------------
 @dataclass
 class ConvTiming:
-    """Median seconds per call of the direct and the FFT version of one layer on one shape."""
+    """Seconds per call (fastest of the timed calls) of the direct and the FFT version of one
+    layer on one shape."""
 
     direct_s: float
     fft_s: float
@@ -260,11 +261,6 @@ class ConvTiming:
     def speedup(self) -> float:
         """``direct_s / fft_s`` (> 1: FFT is faster)."""
         return self.direct_s / self.fft_s if self.fft_s > 0 else math.inf
-
-
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
 
 
 def _sync(device: torch.device) -> None:
@@ -301,9 +297,11 @@ def time_direct_vs_fft(
     ``.grad`` fields are never touched) in train mode; ``train=False`` times the forward in eval
     mode under ``torch.no_grad`` (the FFT layer's kernel-spectrum cache is warm, as in
     inference). The two versions alternate (``warmup`` + ``repeats`` calls each) so drifting
-    load affects both alike; the medians are returned. Once a timed round shows one version
-    ``decisive_ratio`` times slower than the other, timing stops early (noise cannot flip such a
-    gap; this keeps the measurement of huge direct layers short); ``None`` always runs all
+    load affects both alike, and the fastest call of each is returned (interruptions by other
+    processes only ever add time, so the minimum is the robust estimate of a layer's cost). Once
+    one version is ``decisive_ratio`` times slower than the other after two timed rounds (or
+    after one, when the slower call took over a second), timing stops early: noise cannot flip
+    such a gap, and huge direct layers are not timed over and over. ``None`` always runs all
     ``repeats``. ``context`` (e.g. an autocast context factory) wraps every call. The random input comes from a private generator: the global RNG
     state is not touched. Parameters are shared, never modified.
     """
@@ -356,9 +354,9 @@ def time_direct_vs_fft(
                 _sync(device)
                 if i >= warmup:
                     times[name].append(time.perf_counter() - t0)
-            if i >= warmup and decisive_ratio is not None:
-                a, b = _median(times["direct"]), _median(times["fft"])
-                if max(a, b) >= decisive_ratio * min(a, b):
+            rounds = i + 1 - warmup
+            if rounds >= 1 and decisive_ratio is not None:
+                a, b = min(times["direct"]), min(times["fft"])
+                if max(a, b) >= decisive_ratio * min(a, b) and (rounds >= 2 or max(a, b) > 1.0):
                     break
-    med = {k: _median(v) for k, v in times.items()}
-    return ConvTiming(med["direct"], med["fft"])
+    return ConvTiming(min(times["direct"]), min(times["fft"]))

@@ -256,3 +256,20 @@ def test_cuda_module_and_autocast() -> None:
         r = conv(x)
     assert y.dtype == r.dtype == torch.float16
     assert _rel(y.float(), conv(x)) < 2e-2
+
+
+def test_timing_stops_early_on_a_decisive_gap() -> None:
+    calls = [0]
+
+    def count(mod, *_):
+        calls[0] += type(mod) is nn.Conv2d  # the FFT twin shares (a copy of) the hooks
+
+    big = nn.Conv2d(4, 4, 31, padding=15)
+    big.register_forward_hook(count)
+    t = time_direct_vs_fft(big, (2, 4, 64, 64), train=True, repeats=20, warmup=1)
+    assert t.speedup >= 4.0 and calls[0] == 3  # warm-up + two timed rounds, not 21
+    small = nn.Conv2d(2, 2, 3, padding=1)
+    small.register_forward_hook(count)
+    calls[0] = 0
+    time_direct_vs_fft(small, (1, 2, 8, 8), train=False, repeats=5, warmup=1, decisive_ratio=None)
+    assert calls[0] == 6
