@@ -446,7 +446,7 @@ class ForceRegularization(Callback):
                     self._layer_metrics(layer, weight, mask, grad_norm, alpha if apply else 0.0, metrics)
                 )
         if monitor and rows:
-            self._log(trainer, step, lam, rows, metrics, time.perf_counter() - t0)
+            self._log(trainer, pl_module, step, lam, rows, metrics, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ monitoring
     @torch.no_grad()
@@ -479,6 +479,7 @@ class ForceRegularization(Callback):
     def _log(
         self,
         trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
         step: int,
         lam: float,
         rows: list[list[Any]],
@@ -496,6 +497,11 @@ class ForceRegularization(Callback):
         self.last_metrics = dict(metrics)
         self.history.append({"step": float(step), **metrics})
         log_scalars(trainer, metrics, step=trainer.global_step)
+        # the network summary also into trainer.callback_metrics (not to the loggers again), so
+        # `lightning-struct train` returns it and a sweep can use it as `optimized_metric`
+        summary = {k: float(v) for k, v in metrics.items() if k.startswith("force/total_rank")}
+        if getattr(pl_module, "_current_fx_name", None) is not None:
+            pl_module.log_dict(summary, on_step=True, on_epoch=False, logger=False, rank_zero_only=True)
         columns = [
             "layer",
             "full_rank",

@@ -409,9 +409,12 @@ def test_metrics_are_logged(monkeypatch: pytest.MonkeyPatch) -> None:
     logger = RecordingLogger()
     probe = GradProbe()
     cb = ForceRegularization(0.1, log_every_n_steps=2, energies=(0.9, 0.95))
-    make_trainer([probe, cb], logger=logger, log_every_n_steps=1000, max_epochs=2).fit(
-        TinyModule(), make_loader()
-    )
+    trainer = make_trainer([probe, cb], logger=logger, log_every_n_steps=1000, max_epochs=2)
+    trainer.fit(TinyModule(), make_loader())
+    # the network summary is also in callback_metrics (what `lightning-struct train` returns)
+    last = cb.history[-1]
+    for key in ("force/total_rank@0.95", "force/total_rank_fraction@0.9"):
+        assert float(trainer.callback_metrics[key]) == pytest.approx(last[key])
     force_logs = [(s, m) for s, m in logger.records if "force/strength" in m]
     assert [s for s, _ in force_logs] == [0, 2, 4, 6]  # global steps of optimizer steps 0, 2, 4, 6
     assert len(cb.history) == 4 and len(tables) == 4
