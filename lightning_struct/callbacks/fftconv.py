@@ -351,7 +351,10 @@ class FFTConvolution(Callback):
             return []
         reverted = []
         for name in self.swapped:
-            module = model.get_submodule(name)
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:  # the model changed structure since the swap
+                continue
             if isinstance(module, _FFTConvMixin):
                 _set_submodule(model, name, module.to_conv())
                 reverted.append(name)
@@ -373,7 +376,9 @@ class FFTConvolution(Callback):
     # ------------------------------------------------------------------ deciding
     def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         t0 = time.perf_counter()
-        self.revert(pl_module)  # decide from the direct layers
+        if self._model is pl_module:
+            self.revert(pl_module)  # decide from the direct layers
+        self.swapped = []
         candidates = self.candidates(pl_module)
         if self.policy != "auto":
             why = "policy=always" if self.policy == "always" else "named in policy"
@@ -463,6 +468,12 @@ class FFTConvolution(Callback):
         try:
             with _eval_mode(pl_module), grad, self._precision_context(trainer)():
                 pl_module(example)
+        except Exception as err:
+            raise RuntimeError(
+                f"FFTConvolution: the dry forward pl_module(input_fn(batch)) that finds the layers' input "
+                f"shapes failed ({type(err).__name__}: {err}); pass input_fn=<batch -> model input> or "
+                "input_shapes={layer: shape}"
+            ) from err
         finally:
             for h in handles:
                 h.remove()

@@ -265,6 +265,37 @@ def test_input_shapes_argument_and_unsupported_layers() -> None:
     assert cb.decisions[0].input_shapes == [(8, 1, 12, 12)]
 
 
+class DictBatchModule(Module):
+    """Batches are dicts; the forward wants a (x, scale) pair: the default input_fn cannot know."""
+
+    def forward(self, pair):  # type: ignore[override]
+        x, scale = pair
+        return self.net(x) * scale
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self((batch["image"], 1.0)), batch["label"])
+
+
+class _DictData(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.x = torch.randn(16, 1, 12, 12)
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.x[i], "label": i % 3}
+
+
+def test_input_fn_for_custom_batches() -> None:
+    loader = DataLoader(_DictData(), batch_size=4)
+    with pytest.raises(RuntimeError, match="input_fn"):
+        make_trainer([FFTConvolution(repeats=1, warmup=0)]).fit(DictBatchModule(), loader)
+    cb = FFTConvolution(repeats=1, warmup=0, input_fn=lambda b: (b["image"], 1.0))
+    make_trainer([cb]).fit(DictBatchModule(), loader)
+    assert cb.decisions[0].input_shapes == [(4, 1, 12, 12)]
+
+
 def test_checkpoint_of_swapped_model_loads_into_plain_model(tmp_path: Path) -> None:
     model = Module()
     cb = FFTConvolution(policy="always")
