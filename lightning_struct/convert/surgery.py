@@ -289,7 +289,7 @@ def _spectrum(module: nn.Module, scheme: str) -> Any:
     w = module.weight.detach()  # type: ignore[union-attr]
     if isinstance(module, nn.Conv2d):
         return fz.conv_spectrum(w, scheme, module.groups)
-    return torch.linalg.svdvals(w.to(torch.float64)).unsqueeze(0)
+    return fz.singular_values(w).unsqueeze(0)
 
 
 def _full_rank(module: nn.Module, scheme: str) -> int | tuple[int, int]:

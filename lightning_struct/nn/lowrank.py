@@ -147,7 +147,7 @@ class LowRankLinear(nn.Module):
             raise TypeError(f"LowRankLinear.from_dense expects an nn.Linear, got {type(layer).__name__}")
         w = layer.weight.detach()
         full = min(w.shape)
-        s = torch.linalg.svdvals(w.to(torch.float64)) if energy is not None else w.new_empty(0)
+        s = fz.singular_values(w) if energy is not None else w.new_empty(0)
         r = int(pick_rank(s, full, rank=rank, energy=energy, ratio=ratio))  # type: ignore[arg-type]
         first, second = fz.linear_factors(w, r)
         out = cls(

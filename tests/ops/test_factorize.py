@@ -294,3 +294,22 @@ def test_bad_inputs_raise():
         fz.channel_factors(torch.randn(6, 2, 3, 3), 0)
     with pytest.raises(ValueError, match="shape"):
         fz.linear_factors(torch.randn(3, 3, 3), 1)
+
+
+@pytest.mark.parametrize("rows,cols", [(6, 20), (20, 6)])
+def test_svd_split_rank_deficient_and_tall_wide(rows, cols):
+    """Zero singular values must not produce NaN/inf, full rank stays exact, both orientations."""
+    m = torch.randn(rows, 2, dtype=torch.float64) @ torch.randn(2, cols, dtype=torch.float64)
+    m = torch.cat([m, torch.zeros(1, cols, dtype=torch.float64)])  # an all-zero row as well
+    a, b = fz.svd_split(m, 99)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    torch.testing.assert_close(a @ b, m, rtol=0, atol=1e-12)
+    a2, b2 = fz.svd_split(m, 2)
+    torch.testing.assert_close(a2 @ b2, m, rtol=0, atol=1e-10)
+    # balanced split: both factors carry sqrt(S)
+    s = np.linalg.svd(m.numpy(), compute_uv=False)[:2]
+    np.testing.assert_allclose(torch.linalg.norm(a2, dim=0).numpy(), np.sqrt(s), rtol=1e-8)
+    np.testing.assert_allclose(torch.linalg.norm(b2, dim=1).numpy(), np.sqrt(s), rtol=1e-8)
+    w = torch.zeros(4, 3, 3, 3)
+    first, second = fz.channel_factors(w, 2)
+    assert torch.isfinite(first).all() and float(fz.compose_channel(first, second).abs().max()) == 0.0
