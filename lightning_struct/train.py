@@ -37,12 +37,18 @@ def _package_header(path: Path) -> str | None:
     return None
 
 
+def _is_wandb_sweep(node: DictConfig) -> bool:
+    """A W&B sweep file (``wandb sweep FILE``): top-level ``program``/``command``, ``method``, ``parameters``."""
+    return "method" in node and "parameters" in node and ("program" in node or "command" in node)
+
+
 def register_recipes(root: Path | None = None) -> list[str]:
     """Register every ``recipes/**/*.yaml`` as an option of the Hydra group ``recipe``.
 
     The recipes live outside the config root (they are the user-facing part of the project), so
     they are put in Hydra's ``ConfigStore`` under ``recipe/<relative path without .yaml>``, keeping
-    their ``# @package`` header (default ``_global_``) and their own defaults lists.
+    their ``# @package`` header (default ``_global_``) and their own defaults lists. W&B sweep
+    specs kept beside them are skipped. Returns the recipe names (``wen2017/resnet50_force``).
     """
     from hydra.core.config_store import ConfigStore
 
@@ -50,13 +56,17 @@ def register_recipes(root: Path | None = None) -> list[str]:
     cs = ConfigStore.instance()
     names = []
     for path in sorted(root.rglob("*.yaml")):
-        rel = path.relative_to(root).with_suffix("").as_posix()
+        rel = path.relative_to(root).with_suffix("")
         node = OmegaConf.load(path)
         if not isinstance(node, DictConfig):
             raise ValueError(f"recipe {path} must be a YAML mapping, got a list")
+        if _is_wandb_sweep(node):  # W&B sweep specs live beside the recipes but are not Hydra configs
+            continue
         package = _package_header(path) or "_global_"
-        cs.store(group="recipe", name=rel, node=node, package=package, provider="lightning-struct")
-        names.append(rel)
+        # recipes/wen2017/x.yaml -> group recipe/wen2017, option x: selected as recipe=wen2017/x
+        group = "/".join(["recipe", *rel.parts[:-1]])
+        cs.store(group=group, name=rel.name, node=node, package=package, provider="lightning-struct")
+        names.append(rel.as_posix())
     return names
 
 
@@ -161,13 +171,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
-    callbacks = _instantiate_group(cfg.get("callbacks"), "callbacks")
     loggers = _instantiate_group(cfg.get("logger"), "logger")
-    if not loggers:
-        dropped = [c for c in callbacks if isinstance(c, LearningRateMonitor)]
-        if dropped:
-            log.info("logger=none: LearningRateMonitor dropped (it needs a logger)")
-            callbacks = [c for c in callbacks if c not in dropped]
+
+    def build_callbacks(callbacks_cfg: Any) -> list[Any]:
+        callbacks = _instantiate_group(callbacks_cfg, "callbacks")
+        if not loggers:
+            dropped = [c for c in callbacks if isinstance(c, LearningRateMonitor)]
+            if dropped:
+                log.info("logger=none: LearningRateMonitor dropped (it needs a logger)")
+                callbacks = [c for c in callbacks if c not in dropped]
+        return callbacks
+
+    callbacks = build_callbacks(cfg.get("callbacks"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     hparams = _resolved_container(cfg)
@@ -179,7 +194,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics: dict[str, float] = {}
     try:
         if cfg.get("train", True):
-            trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            if cfg.get("conversion"):
+                # fit -> convert -> fine-tune with a fresh Trainer (see lightning_struct.convert.two_phase)
+                from lightning_struct.convert.two_phase import fit_convert_finetune_from_config
+
+                trainer, extra = fit_convert_finetune_from_config(
+                    cfg, model, datamodule, trainer, loggers, build_callbacks
+                )
+                metrics.update(extra)
+            else:
+                trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1})
         if cfg.get("test", False):
             ckpt = trainer.checkpoint_callback
