@@ -48,6 +48,7 @@ from lightning_struct.ops.force import (
     force_gradient,
     max_filter_rank,
     mean_pairwise_cosine,
+    weights_overflow_safe,
 )
 from lightning_struct.select import first_and_last, resolve_types, select_layers, weight_parameter
 
@@ -425,28 +426,40 @@ class ForceRegularization(Callback):
             and trainer.is_global_zero
         )
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        t0 = time.perf_counter()
-        rows: list[list[Any]] = []
-        metrics: dict[str, float] = {}
+        work = []
         for layer in self.layers:
             p = weight_parameter(layer.module)
-            if id(p) not in in_optimizer or p.grad is None:
-                continue
-            weight, mask = self._effective_weight(layer.module)
+            if id(p) in in_optimizer and p.grad is not None:
+                work.append((layer, p, *self._effective_weight(layer.module)))
+        # off the CPU, one batched overflow check instead of one host sync per layer
+        check = not (
+            apply
+            and work
+            and work[0][2].device.type != "cpu"
+            and weights_overflow_safe([w for _, _, w, _ in work])
+        )
+        rows: list[list[Any]] = []
+        metrics: dict[str, float] = {}
+        monitor_s = 0.0
+        for layer, p, weight, mask in work:
             if monitor:
                 grad_norm = float(torch.linalg.vector_norm(p.grad))
             if apply:
                 if mask is None:
-                    add_force_(p.grad, weight, alpha, self.kind, self.scale, layer.groups)  # type: ignore[arg-type]
+                    add_force_(
+                        p.grad, weight, alpha, self.kind, self.scale, layer.groups, check_overflow=check
+                    )  # type: ignore[arg-type]
                 else:  # d/d(orig) of E(orig * mask) = mask * dE/dW
                     force = force_gradient(weight, self.kind, self.scale, layer.groups)  # type: ignore[arg-type]
                     p.grad.add_(force.mul_(mask), alpha=alpha)
             if monitor:
+                t0 = time.perf_counter()
                 rows.append(
                     self._layer_metrics(layer, weight, mask, grad_norm, alpha if apply else 0.0, metrics)
                 )
+                monitor_s += time.perf_counter() - t0
         if monitor and rows:
-            self._log(trainer, pl_module, step, lam, rows, metrics, time.perf_counter() - t0)
+            self._log(trainer, pl_module, step, lam, rows, metrics, monitor_s)
 
     # ------------------------------------------------------------------ monitoring
     @torch.no_grad()

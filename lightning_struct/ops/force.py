@@ -66,6 +66,7 @@ __all__ = [
     "force_gradient",
     "max_filter_rank",
     "mean_pairwise_cosine",
+    "weights_overflow_safe",
 ]
 
 
@@ -197,15 +198,36 @@ class _Parts(NamedTuple):
     p: Tensor | None = None
 
 
-def _safe_filters(w: Tensor, eps_norm: float) -> tuple[Tensor, float, Tensor, float]:
+def _norm_limit(dtype: torch.dtype) -> float:
+    """Filter norms below this keep squared norms and Gram entries finite in ``dtype``."""
+    return math.sqrt(torch.finfo(_compute_dtype(dtype)).max) / 4.0
+
+
+def weights_overflow_safe(weights: Sequence[Tensor]) -> bool:
+    """True when no filter norm of any of ``weights`` can overflow (``max|W| sqrt(D)`` below the
+    limit of its compute dtype): callers may then pass ``check_overflow=False`` to
+    :func:`add_force_` and save its per-call host sync. One reduction per tensor, one host sync
+    in all (useful on GPUs)."""
+    if not weights:
+        return True
+    scaled = [
+        torch.linalg.vector_norm(w.detach(), ord=math.inf).float()
+        * (math.sqrt(max(w[0].numel(), 1)) / _norm_limit(w.dtype))
+        for w in weights
+        if w.numel()
+    ]
+    return bool(torch.stack(scaled).max() < 1.0) if scaled else True
+
+
+def _safe_filters(w: Tensor, eps_norm: float, check: bool = True) -> tuple[Tensor, float, Tensor, float]:
     """``(w', eps_norm', r', m)`` with ``w' = w / m``, ``r'`` its filter norms (G, Ng).
 
     ``m = 1`` unless squared norms / Gram entries would overflow the dtype (filters near
-    ``sqrt(dtype max)``); then ``m = max |w|``. One host sync on the ``N`` norms; the rescaling
-    branch is never taken for weights a network can use.
+    ``sqrt(dtype max)``); then ``m = max |w|``. One host sync on the ``N`` norms (skipped with
+    ``check=False``); the rescaling branch is never taken for weights a network can use.
     """
     r = torch.linalg.vector_norm(w, dim=-1)
-    if r.numel() and not float(r.max()) < math.sqrt(torch.finfo(w.dtype).max) / 4.0:
+    if check and r.numel() and not float(r.max()) < _norm_limit(w.dtype):
         m = float(torch.linalg.vector_norm(w, ord=math.inf))
         if math.isfinite(m) and m > 0:
             w = w / m
@@ -213,9 +235,11 @@ def _safe_filters(w: Tensor, eps_norm: float) -> tuple[Tensor, float, Tensor, fl
     return w, eps_norm, r, 1.0
 
 
-def _force_parts(w: Tensor, kind: str, scale: str, eps_norm: float, eps_dist: float | None) -> _Parts:
+def _force_parts(
+    w: Tensor, kind: str, scale: str, eps_norm: float, eps_dist: float | None, check: bool = True
+) -> _Parts:
     # the authors' force is 1-homogeneous in W, the exact gradient (-1)-homogeneous
-    w, eps_norm, r, m = _safe_filters(w, eps_norm)
+    w, eps_norm, r, m = _safe_filters(w, eps_norm, check)
     factor = m if scale == "authors" else 1.0 / m
     r, valid, inv_r = _norms(w, eps_norm, r)
     if kind == "l2":
@@ -276,6 +300,7 @@ def add_force_(
     *,
     eps_norm: float = EPS_NORM,
     eps_dist: float | None = None,
+    check_overflow: bool = True,
 ) -> Tensor:
     """In place ``grad += alpha * force_gradient(weight, ...)``.
 
@@ -287,6 +312,8 @@ def add_force_(
         weight: ``(N, ...)`` weight tensor.
         alpha: strength ``lambda`` (a plain float).
         kind, scale, groups, eps_norm, eps_dist: as in :func:`force_gradient`.
+        check_overflow: guard against filter norms whose squares overflow (one host sync per
+            call); pass ``False`` only when :func:`weights_overflow_safe` said so.
 
     Returns:
         ``grad``.
@@ -305,7 +332,7 @@ def add_force_(
             return grad.add_(
                 force_gradient(weight, kind, scale, groups, eps_norm=eps_norm, eps_dist=eps_dist), alpha=alpha
             )
-        parts = _force_parts(w, kind, scale, eps_norm, eps_dist)
+        parts = _force_parts(w, kind, scale, eps_norm, eps_dist, check_overflow)
         g = grad.view(parts.w.shape)
         alpha = alpha * parts.factor
         if parts.p is not None:

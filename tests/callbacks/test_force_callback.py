@@ -581,3 +581,15 @@ def test_public_exports() -> None:
     assert lightning_struct.callbacks.ForceRegularization is ForceRegularization
     fn: Callable[..., Any] = ForceRegularization
     assert "strength" in repr(fn(1e-4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["l2", "l1"])
+def test_cuda_gradient_is_modified_exactly(kind: str) -> None:
+    """On a GPU the callback takes the batched overflow check (one host sync per step)."""
+    pl.seed_everything(0)
+    before, after = GradProbe(), GradProbe()
+    cb = ForceRegularization(0.3, kind=kind, log_every_n_steps=2)
+    make_trainer([before, cb, after], accelerator="gpu", precision="32-true").fit(TinyModule(), make_loader())
+    assert cb.step == 4 and cb.history
+    check_exact_force(before, after, [0.3] * 4, kind, tol=1e-5)

@@ -18,6 +18,7 @@ from lightning_struct.ops.force import (
     force_gradient,
     max_filter_rank,
     mean_pairwise_cosine,
+    weights_overflow_safe,
 )
 
 ZERO = 1e-4  # the authors' ZERO_THRESHOLD, the default eps_norm
@@ -397,3 +398,16 @@ def test_homogeneity_and_overflow_rescaling(kind: str, scale: str) -> None:
         torch.testing.assert_close(
             g.double() / c**power, 2 * base, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=0
         )
+
+
+def test_batched_overflow_check_and_unchecked_path() -> None:
+    ws = [rand_weight((8, 3, 3, 3), seed=1).float(), rand_weight((5, 7), seed=2).float(), torch.zeros(0, 3)]
+    assert weights_overflow_safe(ws) and weights_overflow_safe([])
+    assert not weights_overflow_safe([ws[0], ws[1] * 1e19])  # squared norms overflow float32
+    assert not weights_overflow_safe([rand_weight((4, 4)) * 1e160])  # ... and float64
+    assert weights_overflow_safe([rand_weight((4, 4)).to(torch.bfloat16) * 1e15])  # bf16 runs in float32
+    for kind in ("l2", "l1"):
+        g1, g2 = torch.zeros_like(ws[0]), torch.zeros_like(ws[0])
+        add_force_(g1, ws[0], 0.5, kind)
+        add_force_(g2, ws[0], 0.5, kind, check_overflow=False)
+        assert torch.equal(g1, g2)
