@@ -181,3 +181,47 @@ def first_and_last(model: nn.Module, types: Sequence[type]) -> tuple[str | None,
         if n and isinstance(m, nn.Linear):
             last = n
     return first, last
+
+
+class InputSizeRecorder:
+    """Record the spatial input size of layers from the next forward pass, then unhook.
+
+    Use as a context manager around one forward pass (a dry run), or call :meth:`attach`, let a
+    real training batch fill it, and :meth:`detach` once :attr:`complete`: each hook records
+    ``input.shape[2:]`` of its layer on its first call only.
+
+    Attributes:
+        sizes: ``{layer name: spatial size tuple}`` (``()`` for ``nn.Linear``).
+    """
+
+    def __init__(self, layers: Sequence[tuple[str, nn.Module]]) -> None:
+        self.layers = list(layers)
+        self.sizes: dict[str, tuple[int, ...]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def attach(self) -> InputSizeRecorder:
+        for name, module in self.layers:
+            if name in self.sizes:
+                continue
+
+            def hook(mod: nn.Module, args: tuple, _name: str = name) -> None:
+                if _name not in self.sizes and args and isinstance(args[0], torch.Tensor):
+                    self.sizes[_name] = tuple(int(s) for s in args[0].shape[2:])
+
+            self._handles.append(module.register_forward_pre_hook(hook))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @property
+    def complete(self) -> bool:
+        return all(name in self.sizes for name, _ in self.layers)
+
+    def __enter__(self) -> InputSizeRecorder:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
