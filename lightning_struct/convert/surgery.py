@@ -630,7 +630,7 @@ def convert(
             torch.cat([o.flatten() for o in outs if o is not None]),
             torch.cat([o.flatten() for o in probe.model_out]),
         )
-    log.info("%s", report)
+    log.debug("%s", report)
     return report
 
 

@@ -31,7 +31,13 @@ from lightning_struct.convert.surgery import METHODS, _check_rules, convert
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TwoPhaseResult", "fit_convert_finetune", "CONVERSION_KEYS"]
+__all__ = [
+    "CONVERSION_KEYS",
+    "PHASE_KEYS",
+    "TwoPhaseResult",
+    "fit_convert_finetune",
+    "fit_convert_finetune_from_config",
+]
 
 #: keys of a ``conversion:`` config section that are passed to :func:`convert`
 CONVERSION_KEYS = (
@@ -186,3 +192,102 @@ def last_checkpoint(trainer: pl.Trainer) -> Path | None:
         if p:
             return Path(p)
     return None
+
+
+#: keys of the ``conversion:`` config section that steer the two phases (the rest go to convert)
+PHASE_KEYS = (
+    "fit",
+    "init_ckpt",
+    "finetune_epochs",
+    "lr_scale",
+    "calibration_batches",
+    "finetune_ckpt_path",
+    "finetune_drop_callbacks",
+)
+
+
+def fit_convert_finetune_from_config(
+    cfg: Any,
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule | None,
+    dense_trainer: pl.Trainer,
+    loggers: list[Any],
+    build_callbacks: Callable[[Any], list[Callback]],
+) -> tuple[pl.Trainer, dict[str, float]]:
+    """The ``conversion:`` section of ``lightning-struct train``: fit, convert, fine-tune.
+
+    Args:
+        cfg: the composed run config (``cfg.conversion``, ``cfg.trainer``, ``cfg.callbacks``,
+            ``cfg.ckpt_path``).
+        model, datamodule: as instantiated by the app.
+        dense_trainer: the Trainer built from ``cfg.trainer`` (used for the dense phase).
+        loggers: shared by both phases (one W&B run / one CSV file for the whole experiment).
+        build_callbacks: instantiates a ``callbacks`` config (fresh objects for the second
+            phase, so a ``ModelCheckpoint`` does not carry the dense phase's best score).
+
+    The fine-tuning Trainer is ``cfg.trainer`` with ``max_epochs = conversion.finetune_epochs``;
+    its checkpoints go to ``<ModelCheckpoint dirpath>/finetune``. Callbacks named in
+    ``conversion.finetune_drop_callbacks`` (e.g. ``[force]``) are left out of the fine-tuning.
+
+    Returns:
+        The fine-tuning Trainer and extra metrics (``dense/<metric>`` of the dense phase and the
+        ``conversion/*`` totals).
+    """
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig, OmegaConf
+
+    section = (
+        OmegaConf.to_container(cfg.conversion, resolve=True)
+        if isinstance(cfg.conversion, DictConfig)
+        else dict(cfg.conversion)
+    )
+    assert isinstance(section, dict)
+    unknown = sorted(set(section) - set(CONVERSION_KEYS) - set(PHASE_KEYS))
+    if unknown:
+        raise ValueError(
+            f"conversion: unknown key(s) {unknown}; allowed: {sorted(CONVERSION_KEYS + PHASE_KEYS)}"
+        )
+    conv = {k: v for k, v in section.items() if k in CONVERSION_KEYS and v is not None}
+    finetune_epochs = section.get("finetune_epochs")
+    if not isinstance(finetune_epochs, int) or finetune_epochs < 1:
+        raise ValueError(f"conversion.finetune_epochs={finetune_epochs!r} must be an int >= 1")
+    drop = set(section.get("finetune_drop_callbacks") or [])
+
+    def factory(phase: str, extra: list[Callback]) -> pl.Trainer:
+        if phase == "fit":
+            return dense_trainer
+        cb_cfg = OmegaConf.create(OmegaConf.to_container(cfg.get("callbacks") or {}, resolve=True))
+        for name in list(cb_cfg.keys()):
+            node = cb_cfg[name]
+            if name in drop:
+                del cb_cfg[name]
+            elif (
+                node is not None
+                and str(node.get("_target_", "")).endswith("ModelCheckpoint")
+                and node.get("dirpath")
+            ):
+                node.dirpath = str(Path(node.dirpath) / "finetune")
+        missing = drop - set(OmegaConf.to_container(cfg.get("callbacks") or {}).keys())  # type: ignore[union-attr]
+        if missing:
+            raise ValueError(f"conversion.finetune_drop_callbacks names unknown callbacks {sorted(missing)}")
+        callbacks = build_callbacks(cb_cfg) + list(extra)
+        return instantiate(
+            cfg.trainer, callbacks=callbacks, logger=loggers or False, max_epochs=finetune_epochs
+        )
+
+    result = fit_convert_finetune(
+        factory,
+        model,
+        datamodule,
+        {"method": section.get("method"), **conv},
+        fit=bool(section.get("fit", True)),
+        ckpt_path=cfg.get("ckpt_path"),
+        init_ckpt=section.get("init_ckpt"),
+        finetune_ckpt_path=section.get("finetune_ckpt_path"),
+        lr_scale=section.get("lr_scale"),
+        calibration_batches=int(section.get("calibration_batches") or 0),
+    )
+    extra = {f"dense/{k}": v for k, v in result.dense_metrics.items()}
+    if result.report is not None:
+        extra.update(result.report.scalars())
+    return result.finetune_trainer, extra
