@@ -100,8 +100,9 @@ def analyse(
     layers = select_layers(net, DEFAULT_TYPES, include, exclude, what="lightning-struct spectra")
     if not layers:
         raise ValueError("no Conv/Linear layer selected")
-    first_conv = next((m for _, m in layers if not isinstance(m, nn.Linear)), None)
-    channels = in_channels or (first_conv.in_channels if first_conv is not None else 3)  # type: ignore[union-attr]
+    # the network's input channels come from its first conv, selected or not
+    first_conv = next((m for m in net.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
+    channels = in_channels or (first_conv.in_channels if first_conv is not None else 3)
     net.eval()
     with torch.no_grad(), InputSizeRecorder(layers) as rec:
         net(torch.zeros(1, channels, *input_size))
