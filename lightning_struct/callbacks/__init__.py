@@ -9,6 +9,7 @@ _EXPORTS = {
     "ForceRegularization": "lightning_struct.callbacks.force",
     "SpectralMonitor": "lightning_struct.callbacks.spectral",
     "StructuredConversion": "lightning_struct.callbacks.conversion",
+    "ConversionCheckpoint": "lightning_struct.callbacks.conversion",
     "FFTConvolution": "lightning_struct.callbacks.fftconv",
 }
 __all__ = sorted(_EXPORTS)

@@ -152,12 +152,18 @@ class ConversionReport:
                 else ""
             )
         ]
-        header = f"  {'layer':<32} {'status':<28} {'detail':<30} {'params':>19} {'w_err':>7} {'y_err':>7}"
+        width = max([len(r.name) for r in self.layers] + [5])
+        swidth = max([len(r.status) for r in self.layers] + [6])
+        dwidth = max([len(", ".join(f"{k}={v}" for k, v in r.detail.items())) for r in self.layers] + [6])
+        header = (
+            f"  {'layer':<{width}}  {'status':<{swidth}}  {'detail':<{dwidth}}  {'params before':>13} "
+            f"{'after':>11}  {'w_err':>7} {'y_err':>7}"
+        )
         lines.append(header)
         for r in self.layers:
             detail = ", ".join(f"{k}={v}" for k, v in r.detail.items())
             lines.append(
-                f"  {r.name:<32} {r.status:<28} {detail:<30} "
-                f"{r.params_before:>9,}->{r.params_after:<9,} {fmt(r.weight_rel_error):>7} {fmt(r.output_rel_error):>7}"
+                f"  {r.name:<{width}}  {r.status:<{swidth}}  {detail:<{dwidth}}  {r.params_before:>13,} "
+                f"{r.params_after:>11,}  {fmt(r.weight_rel_error):>7} {fmt(r.output_rel_error):>7}"
             )
         return "\n".join(lines)
