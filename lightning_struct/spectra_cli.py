@@ -15,6 +15,8 @@ Keys:
     in_channels input channels (default: the first conv's in_channels)
     include / exclude   comma-separated layer-name globs
     stats       ``full`` (all singular values; default) or ``norm`` (spectral norms only, fast path)
+    method      full-spectrum method: ``svd`` (default; accurate smallest singular values),
+                ``gram`` (~2x faster; values below ~1e-3 sigma_max only to that floor) or ``auto``
     out         output directory (default ``spectra``): ``spectra.csv`` and ``spectra.png``
 
 Writes a CSV of per-layer statistics (input size, sigma_max, sigma_min, condition number, stable
@@ -38,7 +40,7 @@ from lightning_struct.callbacks.spectral import DEFAULT_TYPES, STATS
 from lightning_struct.ops.spectral import module_spectral_norm, module_spectrum
 from lightning_struct.select import InputSizeRecorder, select_layers
 
-KEYS = ("ckpt", "model", "input_size", "in_channels", "include", "exclude", "stats", "out")
+KEYS = ("ckpt", "model", "input_size", "in_channels", "include", "exclude", "stats", "method", "out")
 
 
 def parse_args(argv: Sequence[str]) -> dict[str, str]:
@@ -56,6 +58,8 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
         raise ValueError("give exactly one of ckpt=PATH or model=NAME (a torchvision model)")
     if args.get("stats", "full") not in ("full", "norm"):
         raise ValueError(f"stats={args['stats']!r}; allowed: full, norm")
+    if args.get("method", "svd") not in ("svd", "gram", "auto"):
+        raise ValueError(f"method={args['method']!r}; allowed: svd, gram, auto")
     return args
 
 
@@ -95,6 +99,7 @@ def analyse(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     stats: str = "full",
+    method: str = "svd",
 ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """Per-layer rows (statistics) and singular values of ``net`` at ``input_size``."""
     layers = select_layers(net, DEFAULT_TYPES, include, exclude, what="lightning-struct spectra")
@@ -113,7 +118,7 @@ def analyse(
             size = rec.sizes.get(name) or None
             t0 = time.perf_counter()
             if stats == "full":
-                spec = module_spectrum(module, size, name=name)
+                spec = module_spectrum(module, size, method=method, name=name)  # type: ignore[arg-type]
                 st = spec.stats()
                 values[name] = spec.values()
             else:
@@ -172,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             include=split("include"),
             exclude=split("exclude"),
             stats=args.get("stats", "full"),
+            method=args.get("method", "svd"),
         )
     except (ValueError, FileNotFoundError, TypeError) as err:
         print(f"lightning-struct spectra: {err}", file=sys.stderr)

@@ -85,3 +85,9 @@ def test_vanbetteray_recipe_fast_dev_run(tmp_path):
         ],
         tmp_path / "run",
     )
+
+
+def test_method_key(tmp_path):
+    assert parse_args(["model=resnet18", "method=gram"])["method"] == "gram"
+    with pytest.raises(ValueError, match="method"):
+        parse_args(["model=resnet18", "method=qr"])

@@ -164,3 +164,25 @@ def test_bad_arguments_and_selection():
     model = ImageClassifier(digits_cnn(), 10)
     with pytest.raises(ValueError, match="net.features.bn1.*BatchNorm2d"):
         cb.setup(pl.Trainer(logger=False), model, "fit")
+
+
+def test_method_svd_resolves_small_singular_values():
+    """Default method="svd": sigma_min / condition number exact in float32, where the Gram route
+    only reaches its ~1e-3 sigma_max floor (a square random 64x64 conv is ill-conditioned)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False)
+    exact = conv_singular_values(conv.weight.detach().double(), (12, 12))
+    rel = lambda a, b: abs(a - b) / b  # noqa: E731
+    got = {}
+    for method in ("svd", "gram"):
+        cb = SpectralMonitor(method=method)
+        cb.layers, cb.input_sizes = [("conv", conv)], {"conv": (12, 12)}
+        stats, values = cb.compute(full=True)
+        got[method] = stats["conv"]
+        assert values["conv"].numel() == exact.numel()
+    assert rel(got["svd"]["sigma_min"], float(exact.min())) < 1e-3
+    assert rel(got["svd"]["condition_number"], float(exact.max() / exact.min())) < 1e-3
+    assert rel(got["gram"]["sigma_max"], float(exact.max())) < 1e-5
+    assert float(exact.min()) < 2e-3 * float(exact.max())  # ill-conditioned: near the float32 Gram floor
+    with pytest.raises(ValueError, match="method='qr'"):
+        SpectralMonitor(method="qr")
