@@ -499,6 +499,7 @@ def convert(
     exclude: str | Sequence[str] | None = None,
     types: Sequence[type | str] | None = None,
     scheme: str = "channel",
+    rank_multiple: int = 1,
     calibration: Any = None,
     calibration_batches: int | None = 8,
     input_size: Sequence[int] | None = None,
@@ -528,6 +529,9 @@ def convert(
             acdc ``Linear`` and ``1x1 Conv2d``; tied torchvision ``Bottleneck`` and ViT ``MLPBlock``.
         scheme: conv scheme for low-rank: ``"channel"``, ``"spatial"`` or ``"tucker2"``
             (linear layers always use the SVD).
+        rank_multiple: low-rank with energy/ratio/rank: round each rank up to a multiple of this
+            (e.g. 8: channel counts that vectorised conv kernels handle well); the rounded rank
+            keeps at least the requested energy and is still checked for being cheaper.
         calibration: a batch, a Tensor, or an iterable of batches (``DataLoader``): gives input
             shapes (FLOPs), output errors and the ACDC fitting data. Run in eval mode, no grad.
         calibration_batches: at most this many batches are taken from an iterable.
@@ -551,6 +555,12 @@ def convert(
     _check_rules(method, energy, ratio, rank, budget, budget_on)
     if method == "lowrank":
         fz.check_scheme(scheme)
+    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
+        raise ValueError(f"convert: rank_multiple={rank_multiple!r} must be an int >= 1")
+    if rank_multiple > 1 and (method != "lowrank" or budget is not None):
+        raise ValueError(
+            "convert: rank_multiple applies to method='lowrank' with energy, ratio or rank (not budget)"
+        )
     layer_types = resolve_types(types, _default_types(method))
     converted_types = _converted_types()
     candidates = select_layers(model, layer_types, include, exclude, what=f"convert(method={method!r})")
@@ -583,7 +593,19 @@ def convert(
     new_modules: list[tuple[str, nn.Module, dict[str, Any]]] = []
 
     if method == "lowrank":
-        _convert_lowrank(candidates, probe, rows, new_modules, energy, ratio, rank, budget, budget_on, scheme)
+        _convert_lowrank(
+            candidates,
+            probe,
+            rows,
+            new_modules,
+            energy,
+            ratio,
+            rank,
+            budget,
+            budget_on,
+            scheme,
+            rank_multiple,
+        )
     elif method == "acdc":
         _convert_acdc(
             candidates, exact, probe, rows, new_modules, acdc_factors, acdc_relu, acdc_permute, acdc_sigma,
@@ -634,6 +656,19 @@ def convert(
     return report
 
 
+def _round_up(
+    rank: int | tuple[int, int], full: int | tuple[int, int], multiple: int
+) -> int | tuple[int, int]:
+    """Round a rank up to a multiple (hardware-friendly channel counts), capped at the full rank."""
+    if isinstance(rank, tuple):
+        assert isinstance(full, tuple)
+        return (
+            min(full[0], -(-rank[0] // multiple) * multiple),
+            min(full[1], -(-rank[1] // multiple) * multiple),
+        )
+    return min(int(full), -(-int(rank) // multiple) * multiple)  # type: ignore[arg-type]
+
+
 def _convert_lowrank(
     candidates: list[tuple[str, nn.Module]],
     probe: _Probe,
@@ -645,6 +680,7 @@ def _convert_lowrank(
     budget: float | None,
     budget_on: str,
     scheme: str,
+    rank_multiple: int = 1,
 ) -> None:
     plans = []
     for name, m in candidates:
@@ -665,6 +701,8 @@ def _convert_lowrank(
             p.rank = pick_rank(p.spectrum, p.full, rank=r, energy=energy, ratio=ratio)  # type: ignore[arg-type]
             if p.scheme != "tucker2" and isinstance(p.rank, tuple):
                 p.rank = int(min(p.rank))
+            if rank_multiple > 1:
+                p.rank = _round_up(p.rank, p.full, rank_multiple)
     for p in plans:
         m = p.module
         shape = probe.in_shapes.get(p.name)

@@ -394,3 +394,16 @@ def test_tied_vit_mlp_blocks():
     assert rep.params_before - rep.params_after == 2 * 16 * 8
     assert isinstance(vit.encoder.layers[0].mlp, TiedMLP)
     assert rep.output_rel_error is not None and rep.converted[0].output_rel_error is not None
+
+
+def test_rank_multiple_rounds_up_and_keeps_energy():
+    net = _net()
+    s = fz.conv_spectrum(net.features.conv3.weight, "channel")
+    r0 = fz.energy_rank(s, 0.5)
+    rep = convert(net, "lowrank", energy=0.5, include="features.conv3", rank_multiple=8)
+    r = rep.layers[0].detail["rank"]
+    assert r % 8 == 0 and r0 <= r < r0 + 8
+    with pytest.raises(ValueError, match="rank_multiple=0"):
+        convert(_net(), "lowrank", energy=0.5, rank_multiple=0)
+    with pytest.raises(ValueError, match="not budget"):
+        convert(_net(), "lowrank", budget=0.5, rank_multiple=8)
