@@ -12,6 +12,10 @@
 
 from __future__ import annotations
 
+import sys
+import types
+from typing import Any
+
 from lightning_struct.convert.checkpoint import load_converted, restore_structure, save_converted
 from lightning_struct.convert.report import ConversionReport, LayerReport
 from lightning_struct.convert.spec import SPEC_KEY, apply_spec, get_spec
@@ -31,3 +35,19 @@ __all__ = [
     "restore_structure",
     "save_converted",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    """``lightning_struct.convert`` is both this package and the function :func:`convert`.
+
+    Importing a submodule (``lightning_struct.convert.two_phase``) binds the *package* to the
+    attribute ``lightning_struct.convert``, shadowing the lazily exported function; calling the
+    package forwards to :func:`convert`, so ``lightning_struct.convert(model, ...)`` and
+    ``from lightning_struct import convert`` work whatever was imported first.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> ConversionReport:
+        return convert(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -407,3 +407,21 @@ def test_rank_multiple_rounds_up_and_keeps_energy():
         convert(_net(), "lowrank", energy=0.5, rank_multiple=0)
     with pytest.raises(ValueError, match="not budget"):
         convert(_net(), "lowrank", budget=0.5, rank_multiple=8)
+
+
+def test_public_convert_is_callable_whatever_was_imported_first():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, lightning_struct.convert.two_phase\n"
+        "from lightning_struct import convert\n"
+        "import lightning_struct\n"
+        "from lightning_struct.models.factories import digits_cnn\n"
+        "r = convert(digits_cnn(image_size=8, widths=(8, 16, 16), hidden=32), 'lowrank', rank=2)\n"
+        "r2 = lightning_struct.convert.convert(digits_cnn(image_size=8), 'lowrank', rank=2)\n"
+        "print(type(r).__name__, type(r2).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ConversionReport ConversionReport"
