@@ -42,10 +42,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_struct.callbacks._log import log_scalars, log_table
@@ -106,6 +106,19 @@ def _fast_forward_schedulers(trainer: pl.Trainer) -> None:
             warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
             for _ in range(n):
                 cfg.scheduler.step()  # type: ignore[call-arg]
+
+
+def _restart_checkpoint_ranking(trainer: pl.Trainer) -> None:
+    """Forget the top-k scores of monitoring ModelCheckpoints (their state as at construction)."""
+    for cb in trainer.checkpoint_callbacks:
+        if not isinstance(cb, ModelCheckpoint) or cb.monitor is None:
+            continue
+        cb.best_k_models = {}
+        cb.kth_best_model_path = ""
+        cb.best_model_score = None
+        cb.best_model_path = ""
+        cb.current_score = None
+        cb.kth_value = torch.tensor(torch.inf if cb.mode == "min" else -torch.inf)
 
 
 class ConversionCheckpoint(Callback):
@@ -177,6 +190,10 @@ class StructuredConversion(ConversionCheckpoint):
             ``"net.features.*"``), as in :func:`~lightning_struct.convert.convert`.
         energy, ratio, rank, budget, budget_on, scheme: low-rank rank rule and scheme.
         calibration_batches: training batches used for FLOPs, errors and the ACDC fit.
+        restart_checkpoint_ranking: at conversion, forget the best/top-k scores of every
+            ``ModelCheckpoint`` that monitors a metric, so "best" means the best *converted*
+            checkpoint (a dense epoch's score would otherwise win, and testing "best" would
+            restore dense weights). The dense checkpoint files stay on disk.
         **convert_kwargs: further :func:`~lightning_struct.convert.convert` arguments
             (``acdc_factors``, ``acdc_steps``, ``acdc_lr`` ...).
 
@@ -203,6 +220,7 @@ class StructuredConversion(ConversionCheckpoint):
         budget_on: str = "params",
         scheme: str = "channel",
         calibration_batches: int = 4,
+        restart_checkpoint_ranking: bool = True,
         **convert_kwargs: Any,
     ) -> None:
         super().__init__(lr_scale)
@@ -241,6 +259,7 @@ class StructuredConversion(ConversionCheckpoint):
         self.at_epoch = at_epoch
         self.scheduler = scheduler
         self.calibration_batches = calibration_batches
+        self.restart_checkpoint_ranking = bool(restart_checkpoint_ranking)
         self.convert_kwargs: dict[str, Any] = dict(
             include=include, exclude=exclude, types=types, energy=energy, ratio=ratio, rank=rank,
             budget=budget, budget_on=budget_on, scheme=scheme, **convert_kwargs,
@@ -268,6 +287,12 @@ class StructuredConversion(ConversionCheckpoint):
                 f"`lightning-struct train`, which converts between two fits."
             )
         max_epochs = trainer.max_epochs
+        if trainer.fast_dev_run:
+            if self.at_epoch > 0:
+                rank_zero_warn(
+                    f"StructuredConversion(at_epoch={self.at_epoch}): fast_dev_run runs one epoch, no conversion"
+                )
+            return
         if max_epochs is not None and max_epochs >= 0 and self.at_epoch >= max_epochs and not self.converted:
             raise MisconfigurationException(
                 f"StructuredConversion(at_epoch={self.at_epoch}) never runs with max_epochs={max_epochs}; "
@@ -294,6 +319,8 @@ class StructuredConversion(ConversionCheckpoint):
             scale_learning_rates(trainer, self.lr_scale)
         if self.scheduler == "continue":
             _fast_forward_schedulers(trainer)
+        if self.restart_checkpoint_ranking:
+            _restart_checkpoint_ranking(trainer)
         self._log(trainer, report)
         return report
 

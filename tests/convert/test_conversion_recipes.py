@@ -102,3 +102,29 @@ def test_resnet50_lowrank_fast_dev_run_from_init_ckpt(folder: Path, tmp_path: Pa
     assert not any(k.startswith("dense/") for k in metrics)
     assert metrics["conversion/params_before"] == sum(p.numel() for p in dense.parameters())
     assert "test/acc" in metrics
+
+
+@pytest.mark.slow
+def test_callback_form_in_the_cli_tests_the_best_converted_checkpoint(tmp_path: Path) -> None:
+    metrics = run_train(
+        [
+            "recipe=quickstart",
+            "callbacks=[default,conversion]",
+            "callbacks.conversion.at_epoch=1",
+            "callbacks.conversion.energy=null",
+            "callbacks.conversion.rank=4",
+            "trainer.max_epochs=2",
+            "trainer.limit_train_batches=3",
+            "trainer.limit_val_batches=2",
+            "data.image_size=8",
+            "test=true",
+            *QUIET,
+        ],
+        tmp_path,
+    )
+    # the dense epoch may have the higher val/acc; "best" must still be a converted checkpoint,
+    # otherwise test() would try to load dense weights into the converted model and fail
+    assert "test/acc" in metrics
+    best = sorted((tmp_path / "checkpoints").glob("epoch_*.ckpt"))
+    ck = torch.load(best[-1], weights_only=True)
+    assert "lightning_struct_conversion" in ck
