@@ -1,4 +1,4 @@
-"""The spectral benchmark's numpy baselines compute the same spectrum as ours (else ratios mean nothing)."""
+"""The spectral benchmark: its numpy baselines compute the same spectra; rows on a tiny case."""
 
 from __future__ import annotations
 
@@ -6,15 +6,30 @@ import numpy as np
 import torch
 
 from lightning_struct.bench import spectral as bench
-from lightning_struct.ops.spectral import conv_singular_values
+from lightning_struct.ops.spectral import conv_singular_values, explicit_conv_matrix
 
 
-def test_numpy_baselines_match_ours():
+def test_numpy_baselines_match_explicit_matrix():
     torch.manual_seed(0)
-    w = torch.randn(6, 5, 3, 3, dtype=torch.float64)
-    ours = np.sort(conv_singular_values(w, (8, 8)).numpy().ravel())
-    sedghi = np.sort(bench.sedghi_numpy(w.numpy().transpose(2, 3, 1, 0), 8).ravel())
-    lfa = np.sort(bench.lfa_numpy(w.numpy(), 8).ravel())
-    np.testing.assert_allclose(sedghi, ours, rtol=1e-9, atol=1e-11)
-    np.testing.assert_allclose(lfa, ours, rtol=1e-9, atol=1e-11)
-    assert isinstance(bench.TITLE, str)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    ref = torch.linalg.svdvals(explicit_conv_matrix(w, (6, 6))).numpy()
+    sedghi = np.sort(bench.sedghi_numpy(w.numpy().transpose(2, 3, 1, 0), 6).ravel())[::-1]
+    lfa = np.sort(bench.lfa_numpy(w.numpy(), 6).ravel())[::-1]
+    np.testing.assert_allclose(sedghi, ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(lfa, ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(conv_singular_values(w, (6, 6)).numpy(), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_rows_of_a_tiny_grid_point():
+    rows = bench._grid_rows(8, 8, quick=True)
+    assert [(r.case, r.baseline) for r in rows] == [
+        ("full c8 n8", "numpy Sedghi FFT"),
+        ("full c8 n8", "numpy LFA"),
+        ("norm c8 n8", "numpy Sedghi FFT"),
+        ("norm c8 n8", "ours full"),
+    ]
+    assert all(r.ours_s > 0 and r.baseline_s > 0 for r in rows)
+    assert rows[0].extra["max_abs_err/sigma_max"] < 1e-4
+    assert rows[2].extra["rel_err"] < 1e-5
+    row = bench._explicit_row(4, 4)
+    assert row.baseline == "explicit SVD (torch)" and row.extra["max_abs_err/sigma_max"] < 1e-4
