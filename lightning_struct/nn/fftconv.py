@@ -169,6 +169,16 @@ class _FFTConvMixin:
             spectrum=spec,
         )
 
+    def __init__(self, *args: Any, cache_spectrum: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_fft(cache_spectrum)
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return self._fft_conv_forward(input, weight, bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", fft=True"
+
 
 class FFTConv2d(_FFTConvMixin, nn.Conv2d):
     """``nn.Conv2d`` computed by FFT (:func:`lightning_struct.ops.fftconv.fft_conv2d`).
@@ -187,16 +197,6 @@ class FFTConv2d(_FFTConvMixin, nn.Conv2d):
     _direct_class = nn.Conv2d
     _nd = 2
 
-    def __init__(self, *args: Any, cache_spectrum: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_fft(cache_spectrum)
-
-    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return self._fft_conv_forward(input, weight, bias)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ", fft=True"
-
 
 class FFTConv1d(_FFTConvMixin, nn.Conv1d):
     """``nn.Conv1d`` computed by FFT (:func:`lightning_struct.ops.fftconv.fft_conv1d`); see
@@ -204,16 +204,6 @@ class FFTConv1d(_FFTConvMixin, nn.Conv1d):
 
     _direct_class = nn.Conv1d
     _nd = 1
-
-    def __init__(self, *args: Any, cache_spectrum: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_fft(cache_spectrum)
-
-    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return self._fft_conv_forward(input, weight, bias)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ", fft=True"
 
 
 def unsupported_reason(conv: nn.Module) -> str | None:
