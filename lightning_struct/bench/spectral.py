@@ -7,8 +7,8 @@ kernels, stride 1, periodic boundary. Per grid point ``(c, n)`` in ``{(64, 56), 
 * **ours full**: :func:`lightning_struct.ops.spectral.conv_singular_values` - every singular value
   of the operator, sorted (float32, ``method="auto"`` = Gram route: per-frequency Hermitian Gram
   symbols from the kernel's autocorrelation taps, ``eigvalsh``, half spectrum by conjugate
-  symmetry, chunks in parallel on single-threaded torch ops);
-* **ours norm**: :func:`lightning_struct.ops.spectral.conv_spectral_norm` (block Lanczos);
+  symmetry, chunks in parallel; eigenvalues by SciPy's LAPACK from 96 channels on);
+* **ours norm**: :func:`lightning_struct.ops.spectral.conv_spectral_norm` (Lanczos, adaptive steps);
 * **numpy Sedghi FFT** (Sedghi et al. 2019, written from the formula): ``fft2`` of the kernel in
   ``(k, k, C_in, C_out)`` layout padded to ``n x n`` (float32 in, so complex64 with numpy >= 2),
   then ``np.linalg.svd(..., compute_uv=False)`` on all ``n^2`` frequencies;
