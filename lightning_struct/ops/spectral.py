@@ -1015,7 +1015,8 @@ def linear_spectrum(weight: torch.Tensor, *, dtype: torch.dtype | None = None) -
 # ----------------------------------------------------------------------------------------------
 # spectral norm (fast path)
 # ----------------------------------------------------------------------------------------------
-#: operator bytes per batched Lanczos call (cache-resident sub-chunks; measured best at 2-4 MB)
+#: operator bytes per batched Lanczos call (sub-chunks kept in the last-level cache; 2, 4 and 8 MB
+#: measured within run-to-run noise of each other on the ResNet-50 norms)
 _NORM_CHUNK_BYTES = 8 * 2**20
 #: independent Lanczos runs per problem below / from 256 channels: two random starts cost about as
 #: much as one in the batched row-vector GEMM of small problems, 1.6-1.9x as much for large ones
