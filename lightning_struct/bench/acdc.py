@@ -1,6 +1,6 @@
 """``lightning-struct bench acdc``: ACDC stack vs dense ``nn.Linear`` vs a torch-dct ACDC.
 
-The case of the issue: ``N = 4096`` features, batch 128, ``K = 12`` factors with ReLU and fixed
+The case: ``N = 4096`` features, batch 128, ``K = 12`` factors with ReLU and fixed
 random permutations between them (Moczulski et al.'s CaffeNet layer), float32. Each timed call
 is one forward plus one backward pass (gradients for the input and every parameter, through
 ``torch.autograd.grad`` with a fixed output gradient, so nothing accumulates).

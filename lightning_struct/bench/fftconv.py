@@ -1,9 +1,8 @@
 """``lightning-struct bench fftconv``: FFT convolution vs ``F.conv2d`` vs ``fft-conv-pytorch``.
 
-Same process, same inputs, same weights. The grid of the issue: kernel ``k`` in
+Same process, same inputs, same weights. The grid: kernel ``k`` in
 {3, 5, 7, 11, 15, 31}, map size ``n`` in {32, 64, 128, 256}, ``padding = k // 2`` (output
-``n x n``), float32, in two layer kinds chosen so the whole grid runs in a few minutes on 2 CPU
-cores:
+``n x n``), float32, in two layer kinds small enough that the whole grid runs in minutes on a CPU:
 
 * **dense**: batch 4, 8 -> 8 channels;
 * **depthwise**: batch 4, 16 channels, ``groups=16``.
@@ -211,31 +210,29 @@ def run_case(case: Case, device: str = "cpu", modes: tuple[str, ...] = ("fwd", "
 
 
 def stride_rows(case: Case, device: str = "cpu") -> list[Row]:
-    """Folded stride (ours) vs the same FFT conv subsampling its inverse transform (train mode)."""
+    """Folded stride (ours) vs the same FFT conv subsampling its inverse transform (train mode).
+
+    Both call :func:`~lightning_struct.ops.fftconv.fft_conv2d` exactly as a training
+    :class:`~lightning_struct.nn.FFTConv2d` does (no cached spectrum), differing only in
+    ``fold_stride``.
+    """
     gen = torch.Generator().manual_seed(7)
     conv = nn.Conv2d(case.channels, case.channels, case.k, stride=case.stride, padding=case.k // 2).to(device)
     x = torch.randn(case.batch, case.channels, case.n, case.n, generator=gen).to(device).requires_grad_(True)
     params = [conv.weight, conv.bias]
-    fft = FFTConv2d.from_conv(conv).train()
-    rows = []
 
     def with_fold(fold: bool) -> Callable[[], None]:
-        step = _call(fft, x, True, params)
+        def fn(inp: Tensor) -> Tensor:
+            w, b = conv.weight, conv.bias
+            return ops_fftconv.fft_conv2d(
+                inp, w, b, conv.stride, conv.padding, conv.dilation, conv.groups, fold_stride=fold
+            )
 
-        def fn() -> None:
-            ops_fftconv.FOLD_STRIDE = fold
-            try:
-                step()
-            finally:
-                ops_fftconv.FOLD_STRIDE = True
-
-        return fn
+        return _call(fn, x, True, params)
 
     t = _timed({"fold": with_fold(True), "subsample": with_fold(False)}, device)
-    times = {True: t["fold"], False: t["subsample"]}
     extra = dict(kind=case.kind, k=case.k, n=case.n, stride=case.stride, mode="train")
-    rows.append(Row(f"stride/{case.name} train fold", times[True], "ours, subsampled", times[False], extra))
-    return rows
+    return [Row(f"stride/{case.name} train fold", t["fold"], "ours, subsampled", t["subsample"], extra)]
 
 
 def cases(quick: bool) -> list[Case]:

@@ -38,22 +38,24 @@ import contextlib
 import itertools
 import logging
 import math
-import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, default_collate
+from typing_extensions import override
 
+from lightning_struct._checks import check_bool, check_choice, check_globs, check_int, check_number, is_int
+from lightning_struct.callbacks._batches import preserved_rng
 from lightning_struct.callbacks._log import log_scalars, log_table
-from lightning_struct.nn.fftconv import _FFTConvMixin, fft_module_for, time_direct_vs_fft, unsupported_reason
+from lightning_struct.nn.fftconv import FFTConvNd, fft_module_for, time_direct_vs_fft, unsupported_reason
+from lightning_struct.nn.utils import eval_mode, set_submodule
 from lightning_struct.select import select_layers
 
 log = logging.getLogger(__name__)
@@ -88,15 +90,6 @@ class FFTDecision:
         return self.direct_ms / self.fft_ms if self.fft_ms > 0 else math.nan
 
 
-def _check_globs(value: Any, name: str) -> None:
-    if value is None or isinstance(value, str):
-        return
-    if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
-        raise TypeError(
-            f"FFTConvolution: {name} must be None, a glob string or a list of them, got {value!r}"
-        )
-
-
 def _first_dataloader(obj: Any) -> DataLoader | None:
     if isinstance(obj, DataLoader):
         return obj
@@ -117,7 +110,7 @@ def _first_batch(loader: DataLoader) -> Any:
     iterator state is shared (iterating them here would eat a batch of the real loop).
     """
     size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
-    if not isinstance(size, int) or size < 1:
+    if not is_int(size) or size < 1:
         raise RuntimeError(
             "FFTConvolution: cannot tell the dataloader's batch size; pass input_shapes={layer: shape}"
         )
@@ -143,36 +136,6 @@ def _default_input(batch: Any) -> Any:
             if key in batch:
                 return batch[key]
     return batch
-
-
-@contextlib.contextmanager
-def _preserved_rng(device: torch.device) -> Iterator[None]:
-    """Restore torch (CPU and this CUDA device), numpy and python RNG states afterwards."""
-    py, npy = random.getstate(), np.random.get_state()
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, module)
 
 
 class FFTConvolution(Callback):
@@ -220,10 +183,11 @@ class FFTConvolution(Callback):
         on_unsupported: str = "raise",
     ) -> None:
         super().__init__()
+        where = "FFTConvolution"
         if isinstance(policy, str):
-            if policy not in POLICIES:
+            if policy not in POLICIES:  # not check_choice: a list of names is allowed too
                 raise ValueError(
-                    f"FFTConvolution: policy={policy!r}; allowed: 'auto', 'always' or a list of layer names"
+                    f"{where}: policy={policy!r}; allowed: 'auto', 'always' or a list of layer names"
                 )
             self.layer_names: list[str] | None = None
         else:
@@ -237,24 +201,23 @@ class FFTConvolution(Callback):
                 )
             self.layer_names = [str(p) for p in policy]
             policy = "list"
-        _check_globs(include, "include")
-        _check_globs(exclude, "exclude")
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 1.0:
-            raise ValueError(f"FFTConvolution: margin={margin!r} must be a number >= 1 (FFT must win by it)")
-        for name, value, lo in (("repeats", repeats, 1), ("warmup", warmup, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise ValueError(f"FFTConvolution: {name}={value!r} must be an int >= {lo}")
+        check_globs(include, "include", where)
+        check_globs(exclude, "exclude", where)
+        check_number(margin, "margin", where, minimum=1.0)  # FFT must win by it
+        check_int(repeats, "repeats", where, minimum=1)
+        check_int(warmup, "warmup", where, minimum=0)
         if isinstance(stages, str):
             stages = [stages]
         bad = [s for s in stages if s not in STAGES]
         if bad or not stages:
-            raise ValueError(f"FFTConvolution: stages={list(stages)!r}; allowed: {list(STAGES)}")
-        if on_unsupported not in ("raise", "skip"):
-            raise ValueError(f"FFTConvolution: on_unsupported={on_unsupported!r}; allowed: 'raise', 'skip'")
+            raise ValueError(
+                f"{where}: stages={list(stages)!r}; allowed: a non-empty subset of {list(STAGES)}"
+            )
+        check_choice(on_unsupported, "on_unsupported", ("raise", "skip"), where)
         if input_fn is not None and not callable(input_fn):
-            raise TypeError(f"FFTConvolution: input_fn must be callable, got {input_fn!r}")
-        if not isinstance(revert_on_end, bool) or not isinstance(cache_spectrum, bool):
-            raise TypeError("FFTConvolution: revert_on_end and cache_spectrum must be bools")
+            raise TypeError(f"{where}: input_fn must be callable, got {input_fn!r}")
+        check_bool(revert_on_end, "revert_on_end", where)
+        check_bool(cache_spectrum, "cache_spectrum", where)
         self.policy = policy
         self.include = include
         self.exclude = exclude
@@ -308,34 +271,42 @@ class FFTConvolution(Callback):
         return out
 
     # ------------------------------------------------------------------ hooks
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "fit" in self.stages:
             self._decide(trainer, pl_module, "fit")
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "validate" and "validate" in self.stages:
             self._decide(trainer, pl_module, "validate")
 
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "test" in self.stages:
             self._decide(trainer, pl_module, "test")
 
+    @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "predict" in self.stages:
             self._decide(trainer, pl_module, "predict")
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.revert_on_end:
             self.revert(pl_module)
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.revert_on_end and trainer.state.fn == "validate":
             self.revert(pl_module)
 
+    @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.revert_on_end:
             self.revert(pl_module)
 
+    @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.revert_on_end:
             self.revert(pl_module)
@@ -355,8 +326,8 @@ class FFTConvolution(Callback):
                 module = model.get_submodule(name)
             except AttributeError:  # the model changed structure since the swap
                 continue
-            if isinstance(module, _FFTConvMixin):
-                _set_submodule(model, name, module.to_conv())
+            if isinstance(module, FFTConvNd):
+                set_submodule(model, name, module.to_conv())
                 reverted.append(name)
         self.swapped = []
         return reverted
@@ -365,11 +336,11 @@ class FFTConvolution(Callback):
         """Swap the layers of ``decisions`` that use FFT (the others are made direct)."""
         for d in decisions:
             module = model.get_submodule(d.layer)
-            is_fft = isinstance(module, _FFTConvMixin)
+            is_fft = isinstance(module, FFTConvNd)
             if d.use_fft and not is_fft:
-                _set_submodule(model, d.layer, fft_module_for(module, cache_spectrum=self.cache_spectrum))
+                set_submodule(model, d.layer, fft_module_for(module, cache_spectrum=self.cache_spectrum))
             elif not d.use_fft and is_fft:
-                _set_submodule(model, d.layer, module.to_conv())  # type: ignore[union-attr]
+                set_submodule(model, d.layer, module.to_conv())  # type: ignore[union-attr]
         self.swapped = [d.layer for d in decisions if d.use_fft]
         self._model = model
 
@@ -466,7 +437,7 @@ class FFTConvolution(Callback):
             handles.append(module.register_forward_pre_hook(hook))
         grad = torch.enable_grad() if stage == "fit" else torch.no_grad()
         try:
-            with _eval_mode(pl_module), grad, self._precision_context(trainer)():
+            with eval_mode(pl_module), grad, self._precision_context(trainer)():
                 pl_module(example)
         except Exception as err:
             raise RuntimeError(
@@ -488,7 +459,7 @@ class FFTConvolution(Callback):
         }[stage]()
         loader = _first_dataloader(source)
         if loader is not None:
-            with _preserved_rng(pl_module.device):
+            with preserved_rng():
                 batch = _first_batch(loader)
             batch = trainer.strategy.batch_to_device(batch, pl_module.device)
             return self.input_fn(batch)
@@ -531,11 +502,16 @@ class FFTConvolution(Callback):
             )
 
     # ------------------------------------------------------------------ state
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {"decisions": [asdict(d) for d in self.decisions], "swapped": list(self.swapped)}
+        """``{"decisions": [...]}``: the latest decisions as plain dicts (the swapped layers are
+        those with ``use_fft``)."""
+        return {"decisions": [asdict(d) for d in self.decisions]}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # informational: every stage re-decides (timings depend on the machine)
+        # informational: every stage re-decides (timings depend on the machine), and a loaded
+        # model holds direct convolutions (the swap keeps the state_dict keys), so nothing is swapped
         self.decisions = [
             FFTDecision(**{**d, "input_shapes": [tuple(s) for s in d.get("input_shapes", [])]})
             for d in state_dict.get("decisions", [])

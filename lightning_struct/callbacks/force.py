@@ -38,7 +38,17 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
+from typing_extensions import override
 
+from lightning_struct._checks import (
+    check_choice,
+    check_globs,
+    check_int,
+    check_number,
+    check_unknown,
+    is_int,
+    is_number,
+)
 from lightning_struct.callbacks._log import log_scalars, log_table
 from lightning_struct.ops.force import (
     KINDS,
@@ -66,10 +76,6 @@ CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # ----------------------------------------------------------------------------------------------
 # strength schedules
 # ----------------------------------------------------------------------------------------------
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 @dataclass(frozen=True)
 class StrengthSchedule:
     """Strength ``lambda`` as a function of the optimizer step (``step = 0, 1, ...``).
@@ -104,32 +110,24 @@ class StrengthSchedule:
 
     def __post_init__(self) -> None:
         where = "strength schedule"
-        if self.kind not in SCHEDULE_KINDS:
-            raise ValueError(f"{where}: kind={self.kind!r}; allowed: {', '.join(SCHEDULE_KINDS)}")
-        for name in ("value", "final_value", "gamma"):
-            v = getattr(self, name)
-            if not _is_number(v) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{where}: {name}={v!r} must be a finite number >= 0")
-        if self.gamma <= 0:
-            raise ValueError(f"{where}: gamma={self.gamma!r} must be > 0")
-        if (
-            not isinstance(self.warmup_steps, int)
-            or isinstance(self.warmup_steps, bool)
-            or self.warmup_steps < 0
-        ):
-            raise ValueError(f"{where}: warmup_steps={self.warmup_steps!r} must be an int >= 0")
+        check_choice(self.kind, "kind", SCHEDULE_KINDS, where)
+        # maximum=inf, open: finite
+        check_number(self.value, "value", where, minimum=0, maximum=math.inf, open_max=True)
+        check_number(self.final_value, "final_value", where, minimum=0, maximum=math.inf, open_max=True)
+        check_number(self.gamma, "gamma", where, minimum=0, open_min=True, maximum=math.inf, open_max=True)
+        check_int(self.warmup_steps, "warmup_steps", where, minimum=0)
         if self.kind in ("linear", "cosine"):
             t = self.total_steps
-            if not isinstance(t, int) or isinstance(t, bool) or t <= self.warmup_steps:
+            if not is_int(t) or t <= self.warmup_steps:  # type: ignore[operator]
                 raise ValueError(
                     f"{where}: kind={self.kind!r} needs total_steps (an int > warmup_steps={self.warmup_steps}), "
                     f"got {t!r}"
                 )
-        elif self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps < 0):
-            raise ValueError(f"{where}: total_steps={self.total_steps!r} must be None or an int >= 0")
+        else:
+            check_int(self.total_steps, "total_steps", where, minimum=0, optional=True)
         ms = tuple(self.milestones)
         object.__setattr__(self, "milestones", ms)
-        if any(not isinstance(m, int) or isinstance(m, bool) or m < 0 for m in ms) or list(ms) != sorted(ms):
+        if any(not is_int(m) or m < 0 for m in ms) or list(ms) != sorted(ms):
             raise ValueError(f"{where}: milestones={list(ms)!r} must be increasing ints >= 0")
         if self.kind == "step" and not ms:
             raise ValueError(f"{where}: kind='step' needs milestones, e.g. [1000, 2000]")
@@ -137,11 +135,8 @@ class StrengthSchedule:
     @classmethod
     def from_mapping(cls, spec: Mapping[str, Any]) -> StrengthSchedule:
         """Build from a plain / Hydra mapping; unknown keys raise ``ValueError`` naming them."""
-        allowed = {f for f in cls.__dataclass_fields__}
         data = {str(k): v for k, v in dict(spec).items() if k != "_target_"}
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise ValueError(f"strength schedule: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        check_unknown(data, cls.__dataclass_fields__, "key(s)", "strength schedule")
         if "milestones" in data and data["milestones"] is not None:
             data["milestones"] = tuple(int(m) for m in data["milestones"])
         for key in ("warmup_steps", "total_steps"):
@@ -168,10 +163,10 @@ StrengthSpec = float | StrengthSchedule | Mapping[str, Any] | Callable[[int], fl
 
 def _as_schedule(strength: object) -> tuple[Callable[[int], float], str]:
     """(callable of the step, short description) from any accepted ``strength``."""
-    if _is_number(strength):
+    if is_number(strength):
         v = float(strength)  # type: ignore[arg-type]
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"ForceRegularization: strength={strength!r} must be a finite number >= 0")
+        # maximum=inf, open: finite
+        check_number(strength, "strength", "ForceRegularization", minimum=0, maximum=math.inf, open_max=True)
         return StrengthSchedule("constant", v), repr(v)
     if isinstance(strength, StrengthSchedule):
         return strength, repr(strength)
@@ -198,16 +193,6 @@ class _Layer:
     module: nn.Module
     groups: int
     full_rank: int
-
-
-def _check_globs(value: object, name: str) -> None:
-    if value is None or isinstance(value, str):
-        return
-    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
-        return
-    raise TypeError(
-        f"ForceRegularization: {name} must be None, a name glob or a list of globs; got {value!r}"
-    )
 
 
 class ForceRegularization(Callback):
@@ -276,13 +261,12 @@ class ForceRegularization(Callback):
         every_n_steps: int = 1,
     ) -> None:
         super().__init__()
+        where = "ForceRegularization"
         self.schedule, self._strength_repr = _as_schedule(strength)
-        if kind not in KINDS:
-            raise ValueError(f"ForceRegularization: kind={kind!r}; allowed: {', '.join(map(repr, KINDS))}")
-        if scale not in SCALES:
-            raise ValueError(f"ForceRegularization: scale={scale!r}; allowed: {', '.join(map(repr, SCALES))}")
-        _check_globs(include, "include")
-        _check_globs(exclude, "exclude")
+        check_choice(kind, "kind", KINDS, where)
+        check_choice(scale, "scale", SCALES, where)
+        check_globs(include, "include", where)
+        check_globs(exclude, "exclude", where)
         self.types = resolve_types(types, SUPPORTED_TYPES)
         bad = [t.__name__ for t in self.types if not issubclass(t, SUPPORTED_TYPES)]
         if bad:
@@ -290,27 +274,16 @@ class ForceRegularization(Callback):
                 f"ForceRegularization: types {bad} are not supported; supported: "
                 f"{', '.join(t.__name__ for t in SUPPORTED_TYPES)} (and subclasses)"
             )
-        for name, value, lo in (
-            ("stop_after_steps", stop_after_steps, 0),
-            ("log_every_n_steps", log_every_n_steps, 1),
-        ):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < lo):
-                raise ValueError(f"ForceRegularization: {name}={value!r} must be None or an int >= {lo}")
-        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
-            raise ValueError(f"ForceRegularization: every_n_steps={every_n_steps!r} must be an int >= 1")
-        if _is_number(energies):
+        check_int(stop_after_steps, "stop_after_steps", where, minimum=0, optional=True)
+        check_int(log_every_n_steps, "log_every_n_steps", where, minimum=1, optional=True)
+        check_int(every_n_steps, "every_n_steps", where, minimum=1)
+        if is_number(energies):
             energies = (float(energies),)  # type: ignore[arg-type]
         if isinstance(energies, (str, bytes)) or not isinstance(energies, Sequence) or not energies:
-            raise ValueError(
-                f"ForceRegularization: energies={energies!r} must be a non-empty list of floats in (0, 1]"
-            )
-        for e in energies:
-            if not _is_number(e) or not 0.0 < float(e) <= 1.0:
-                raise ValueError(f"ForceRegularization: energies entry {e!r} must be a float in (0, 1]")
-        if on_unsupported not in ("raise", "skip"):
-            raise ValueError(
-                f"ForceRegularization: on_unsupported={on_unsupported!r}; allowed: 'raise', 'skip'"
-            )
+            raise ValueError(f"{where}: energies={energies!r} must be a non-empty list of floats in (0, 1]")
+        for i, e in enumerate(energies):
+            check_number(e, f"energies[{i}]", where, minimum=0, open_min=True, maximum=1)
+        check_choice(on_unsupported, "on_unsupported", ("raise", "skip"), where)
 
         self.kind = kind
         self.scale = scale
@@ -333,6 +306,7 @@ class ForceRegularization(Callback):
 
     # ------------------------------------------------------------------ identity
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(kind=self.kind, include=self.include, exclude=self.exclude)
 
@@ -389,6 +363,7 @@ class ForceRegularization(Callback):
         return p.detach(), None
 
     # ------------------------------------------------------------------ hooks
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.layers = self.select(pl_module)
         log.info(
@@ -410,6 +385,7 @@ class ForceRegularization(Callback):
             )
         return value
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -525,21 +501,30 @@ class ForceRegularization(Callback):
         log_table(trainer, "force/layers", columns, rows, step=trainer.global_step)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "kind": self.kind, "scale": self.scale, "strength": self._strength_repr}
+    def _identity(self) -> dict[str, str]:
+        """The settings a checkpoint records so a resume with other settings is noticed."""
+        return {"kind": self.kind, "scale": self.scale, "strength": self._strength_repr}
 
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """``{"step": ..., "kind": ..., "scale": ..., "strength": ...}``: the schedule position and
+        the settings it was reached with (``strength`` as its short description)."""
+        return {"step": self.step, **self._identity()}
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the schedule at the saved step; warn where the saved settings differ."""
         if "step" not in state_dict:
             raise ValueError(
                 f"ForceRegularization: checkpoint state has no 'step' (keys: {sorted(state_dict)})"
             )
         self.step = int(state_dict["step"])
-        for key in ("kind", "scale"):
-            if key in state_dict and state_dict[key] != getattr(self, key):
+        for key, current in self._identity().items():
+            if key in state_dict and state_dict[key] != current:
                 log.warning(
                     "ForceRegularization: resuming with %s=%r but the checkpoint was written with %s=%r",
                     key,
-                    getattr(self, key),
+                    current,
                     key,
                     state_dict[key],
                 )

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_struct._checks import check_choice, check_int
+
 
 class DigitsDataModule(pl.LightningDataModule):
     """The sklearn digits as tensors ``(N, in_channels, image_size, image_size)``.
@@ -42,12 +44,10 @@ class DigitsDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        if image_size < 4:
-            raise ValueError(f"data.image_size must be >= 4 pixels, got {image_size}")
-        if in_channels not in (1, 3):
-            raise ValueError(f"data.in_channels must be 1 or 3, got {in_channels}")
+        where = "DigitsDataModule"
+        check_int(batch_size, "data.batch_size", where, minimum=1)
+        check_int(image_size, "data.image_size", where, minimum=4)  # pixels
+        check_choice(in_channels, "data.in_channels", (1, 3), where)
         if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(
                 f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in (0, 1) "

@@ -7,6 +7,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
+from lightning_struct._checks import check_int, check_number
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -62,10 +64,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         super().__init__()
         if root is None or str(root) in ("", "???"):
             raise ValueError("ImageFolderDataModule: data.root is not set; pass data.root=/path/to/imagenet")
-        if image_size < 8:
-            raise ValueError(f"data.image_size must be >= 8, got {image_size}")
-        if not 0 < crop_ratio <= 1:
-            raise ValueError(f"data.crop_ratio must be in (0, 1], got {crop_ratio}")
+        where = "ImageFolderDataModule"
+        check_int(image_size, "data.image_size", where, minimum=8)
+        check_number(crop_ratio, "data.crop_ratio", where, minimum=0, open_min=True, maximum=1)
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
         if not self.root.is_dir():

@@ -12,6 +12,8 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_struct._checks import check_number
+
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
@@ -47,8 +49,9 @@ class ImageClassifier(pl.LightningModule):
             raise TypeError(f"model.net must be an nn.Module, got {type(net).__name__}")
         if int(num_classes) < 2:
             raise ValueError(f"model.num_classes must be >= 2, got {num_classes}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
+        check_number(
+            label_smoothing, "model.label_smoothing", "ImageClassifier", minimum=0, maximum=1, open_max=True
+        )
         # plain values only, so checkpoints load with torch.load(weights_only=True); the factories
         # and the net's own config travel in ``run_config`` (see :func:`load_classifier`)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_struct._checks import check_choice
 from lightning_struct.nn.tied import TiedBottleneck, TiedMLP
 
 __all__ = [
@@ -44,7 +45,7 @@ def tie_resnet_blocks(model: nn.Module, staged: bool = False, zero_init_residual
     """Replace every identity-shaped bottleneck of a torchvision ResNet by a *fresh* tied block.
 
     For building PE models from scratch (weights are re-initialised; to keep trained weights use
-    ``lightning_struct.convert.convert(model, "tied")`` or ``TiedBottleneck.from_bottleneck``).
+    ``lightning_struct.surgery.convert(model, "tied")`` or ``TiedBottleneck.from_bottleneck``).
     Blocks whose input and output widths differ (the first, downsampling block of each stage,
     with its projection shortcut) are left untouched.
 
@@ -160,10 +161,7 @@ def vision_transformer(
     """
     from torchvision.models.vision_transformer import VisionTransformer
 
-    if variant not in VIT_VARIANTS:
-        raise ValueError(
-            f"vision_transformer: unknown variant {variant!r}; choose one of {sorted(VIT_VARIANTS)}"
-        )
+    check_choice(variant, "variant", sorted(VIT_VARIANTS), "vision_transformer")
     cfg: dict[str, Any] = {**VIT_VARIANTS[variant], **overrides}
     if image_size % int(cfg["patch_size"]):
         raise ValueError(
@@ -227,7 +225,7 @@ def digits_bottleneck_cnn(
     initialisation their residual branch ``W^T G(W x)`` is strongly correlated with ``x`` (it is
     ``W^T W x`` up to the middle), unlike an independent random expand conv. On digits (8 px,
     channels (64, 128), Adam 3e-3, 10 epochs, seeds 0/1/2) the tied-minus-untied test accuracy
-    was -0.27/+0.28/0.00 points with it and -0.84/-0.55/-0.83 without it (8 epochs; -1.1 to
+    is -0.27/+0.28/0.00 points with it and -0.84/-0.55/-0.83 without it (8 epochs; -1.1 to
     -1.7 after 15 epochs).
     """
     from torchvision.models.resnet import Bottleneck

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_struct._checks import check_choice
+
 Shortcut = Literal["A", "B"]
 
 __all__ = ["BasicBlock", "CifarResNet", "resnet20", "resnet_cifar"]
@@ -86,10 +88,8 @@ class CifarResNet(nn.Module):
         shortcut: Shortcut = "A",
     ) -> None:
         super().__init__()
-        if shortcut not in ("A", "B"):
-            raise ValueError(
-                f"shortcut={shortcut!r}; allowed: 'A' (zero-padding identity), 'B' (1x1 projection)"
-            )
+        # 'A': zero-padding identity, 'B': 1x1 projection
+        check_choice(shortcut, "shortcut", ("A", "B"), "CifarResNet")
         if n < 1:
             raise ValueError(f"n (blocks per stage) must be >= 1, got {n}")
         w1, w2, w3 = (int(w) for w in widths)

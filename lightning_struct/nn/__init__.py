@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# public name -> defining module (filled as modules land)
+# public name -> defining module (imported on first access, so `import lightning_struct.nn` stays cheap)
 _EXPORTS: dict[str, str] = {
     "FFTConv1d": "lightning_struct.nn.fftconv",
     "FFTConv2d": "lightning_struct.nn.fftconv",
+    "FFTConvNd": "lightning_struct.nn.fftconv",
     "LowRankConv2d": "lightning_struct.nn.lowrank",
     "LowRankLinear": "lightning_struct.nn.lowrank",
     "ACDC": "lightning_struct.nn.acdc",
@@ -16,6 +17,8 @@ _EXPORTS: dict[str, str] = {
     "ACDCConv1x1": "lightning_struct.nn.acdc",
     "TiedBottleneck": "lightning_struct.nn.tied",
     "TiedMLP": "lightning_struct.nn.tied",
+    "eval_mode": "lightning_struct.nn.utils",
+    "set_submodule": "lightning_struct.nn.utils",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -21,25 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_struct._checks import check_int, check_number
 from lightning_struct.ops.acdc import acdc_dense_matrix, acdc_stack, prepare_permutations
 
 __all__ = ["ACDC", "ACDCConv1x1", "ACDCStack"]
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_sigma(sigma: Any) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
-        raise TypeError(f"sigma must be a float, got {type(sigma).__name__} ({sigma!r})")
-    if not sigma >= 0:
-        raise ValueError(f"sigma must be >= 0 (std of the N(1, sigma^2) initialisation), got {sigma}")
-    return float(sigma)
 
 
 class ACDCStack(nn.Module):
@@ -96,12 +81,14 @@ class ACDCStack(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.in_features = _check_int("in_features", in_features, 1)
-        self.out_features = _check_int(
-            "out_features", out_features if out_features is not None else in_features, 1
+        where = "ACDCStack"
+        self.in_features: int = check_int(in_features, "in_features", where, minimum=1)  # type: ignore[assignment]
+        self.out_features: int = check_int(  # type: ignore[assignment]
+            out_features if out_features is not None else in_features, "out_features", where, minimum=1
         )
-        self.n_factors = _check_int("n_factors", n_factors, 1)
-        self.sigma = _check_sigma(sigma)
+        self.n_factors: int = check_int(n_factors, "n_factors", where, minimum=1)  # type: ignore[assignment]
+        # std of the N(1, sigma^2) initialisation
+        self.sigma: float = check_number(sigma, "sigma", where, minimum=0)  # type: ignore[assignment]
         self.relu = bool(relu)
         self.permute = bool(permute)
         self.seed = int(seed)
@@ -234,9 +221,10 @@ class ACDC(ACDCStack):
         dtype: torch.dtype | None = None,
     ) -> None:
         nn.Module.__init__(self)
-        self.in_features = self.out_features = self.size = _check_int("features", features, 1)
+        size: int = check_int(features, "features", "ACDC", minimum=1)  # type: ignore[assignment]
+        self.in_features = self.out_features = self.size = size
         self.n_factors = 1
-        self.sigma = _check_sigma(sigma)
+        self.sigma = check_number(sigma, "sigma", "ACDC", minimum=0)  # type: ignore[assignment]
         self.relu = False
         self.permute = False
         self.seed = 0
@@ -293,9 +281,10 @@ class ACDCConv1x1(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, **stack_kwargs: Any) -> None:
         super().__init__()
-        self.in_channels = _check_int("in_channels", in_channels, 1)
-        self.out_channels = _check_int("out_channels", out_channels, 1)
-        self.stride = _check_int("stride", stride, 1)
+        where = "ACDCConv1x1"
+        self.in_channels: int = check_int(in_channels, "in_channels", where, minimum=1)  # type: ignore[assignment]
+        self.out_channels: int = check_int(out_channels, "out_channels", where, minimum=1)  # type: ignore[assignment]
+        self.stride: int = check_int(stride, "stride", where, minimum=1)  # type: ignore[assignment]
         self.stack = ACDCStack(in_channels, out_channels, **stack_kwargs)
 
     def forward(self, x: Tensor) -> Tensor:

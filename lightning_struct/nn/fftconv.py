@@ -32,9 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_struct._checks import check_bool
 from lightning_struct.ops.fftconv import KernelSpectrum, fft_conv1d, fft_conv2d, kernel_spectrum
 
 __all__ = [
+    "FFTConvNd",
     "FFTConv1d",
     "FFTConv2d",
     "ConvTiming",
@@ -43,7 +45,7 @@ __all__ = [
     "unsupported_reason",
 ]
 
-_C = TypeVar("_C", bound="_FFTConvMixin")
+_C = TypeVar("_C", bound="FFTConvNd")
 
 
 @dataclass
@@ -68,8 +70,13 @@ def _copy_module_dict(src: nn.Module) -> dict[str, Any]:
 _FFT_ATTRS = ("cache_spectrum", "_spectrum_cache", "_fft_source_class")
 
 
-class _FFTConvMixin:
-    """Shared machinery of FFTConv1d/FFTConv2d (the caching and the swapping)."""
+class FFTConvNd:
+    """The base of :class:`FFTConv1d` / :class:`FFTConv2d`: kernel-spectrum caching and the swap
+    to and from the direct convolution.
+
+    ``isinstance(module, FFTConvNd)`` tells whether a layer is one of our FFT convolutions. It is
+    a mixin placed before ``nn.Conv{1,2}d`` in the bases, not a module on its own.
+    """
 
     cache_spectrum: bool
     _spectrum_cache: _CacheEntry | None
@@ -78,8 +85,7 @@ class _FFTConvMixin:
     _nd: int
 
     def _init_fft(self, cache_spectrum: bool, source_class: type | None = None) -> None:
-        if not isinstance(cache_spectrum, bool):
-            raise TypeError(f"cache_spectrum must be a bool, got {cache_spectrum!r}")
+        check_bool(cache_spectrum, "cache_spectrum", type(self).__name__)
         object.__setattr__(self, "cache_spectrum", cache_spectrum)
         object.__setattr__(self, "_spectrum_cache", None)
         object.__setattr__(self, "_fft_source_class", source_class or self._direct_class)
@@ -180,7 +186,7 @@ class _FFTConvMixin:
         return super().extra_repr() + ", fft=True"
 
 
-class FFTConv2d(_FFTConvMixin, nn.Conv2d):
+class FFTConv2d(FFTConvNd, nn.Conv2d):
     """``nn.Conv2d`` computed by FFT (:func:`lightning_struct.ops.fftconv.fft_conv2d`).
 
     Same constructor as ``nn.Conv2d`` plus ``cache_spectrum`` (cache the kernel spectrum in eval
@@ -198,7 +204,7 @@ class FFTConv2d(_FFTConvMixin, nn.Conv2d):
     _nd = 2
 
 
-class FFTConv1d(_FFTConvMixin, nn.Conv1d):
+class FFTConv1d(FFTConvNd, nn.Conv1d):
     """``nn.Conv1d`` computed by FFT (:func:`lightning_struct.ops.fftconv.fft_conv1d`); see
     :class:`FFTConv2d`."""
 
@@ -214,7 +220,7 @@ def unsupported_reason(conv: nn.Module) -> str | None:
     Not supported: parametrized weights (``torch.nn.utils.parametrize``), subclasses with their own
     forward, transposed convolutions and other types.
     """
-    if isinstance(conv, _FFTConvMixin):
+    if isinstance(conv, FFTConvNd):
         return None
     if not isinstance(conv, (nn.Conv1d, nn.Conv2d)):
         return f"{type(conv).__name__} is not an nn.Conv1d / nn.Conv2d"
@@ -297,7 +303,7 @@ def time_direct_vs_fft(
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"time_direct_vs_fft: repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
-    direct = conv.to_conv() if isinstance(conv, _FFTConvMixin) else conv
+    direct = conv.to_conv() if isinstance(conv, FFTConvNd) else conv
     fft = fft_module_for(direct)
     p = next(iter(direct.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")

@@ -26,22 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_struct._checks import check_int, is_int
 from lightning_struct.ops import factorize as fz
 
 __all__ = ["LowRankConv2d", "LowRankLinear", "pick_rank"]
-
-
-def _pair(v: int | Sequence[int] | str, what: str) -> tuple[int, int] | str:
-    if isinstance(v, str):
-        if v not in ("same", "valid"):
-            raise ValueError(f"{what}={v!r}; allowed strings: 'same', 'valid'")
-        return v
-    if isinstance(v, int):
-        return (v, v)
-    t = tuple(int(x) for x in v)
-    if len(t) != 2:
-        raise ValueError(f"{what}={v!r} must be an int or a pair of ints")
-    return (t[0], t[1])
 
 
 def _check_rule(rank: Any, energy: Any, ratio: Any) -> None:
@@ -70,10 +58,9 @@ def pick_rank(
     _check_rule(rank, energy, ratio)
     if isinstance(full, tuple):
         if rank is not None:
-            ri, ro = (rank, rank) if isinstance(rank, int) else tuple(rank)  # type: ignore[misc]
-            for name, v in (("R_in", ri), ("R_out", ro)):
-                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                    raise ValueError(f"rank {name}={v!r} must be an int >= 1")
+            ri, ro = fz.as_pair(rank, "rank", "pick_rank")  # type: ignore[misc]
+            check_int(ri, "R_in", "pick_rank", minimum=1)
+            check_int(ro, "R_out", "pick_rank", minimum=1)
             return (min(ri, full[0]), min(ro, full[1]))
         if energy is not None:
             s_in, s_out = spectrum  # type: ignore[misc]
@@ -82,9 +69,8 @@ def pick_rank(
             return (fz.ratio_rank(full[0], ratio), fz.ratio_rank(full[1], ratio))
         return full
     if rank is not None:
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank={rank!r} must be an int >= 1")
-        return min(rank, full)
+        check_int(rank, "rank", "pick_rank", minimum=1)
+        return min(rank, full)  # type: ignore[type-var]
     if energy is not None:
         return fz.energy_rank(spectrum, energy)  # type: ignore[arg-type]
     if ratio is not None:
@@ -115,8 +101,7 @@ class LowRankLinear(nn.Module):
     ) -> None:
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features), ("rank", rank)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"LowRankLinear: {name}={v!r} must be an int >= 1")
+            check_int(v, name, "LowRankLinear", minimum=1)
         self.in_features = in_features
         self.out_features = out_features
         self.rank = rank
@@ -239,35 +224,27 @@ class LowRankConv2d(nn.Module):
     ) -> None:
         super().__init__()
         fz.check_scheme(scheme)
+        where = "LowRankConv2d"
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"LowRankConv2d: {name}={v!r} must be an int >= 1")
+            check_int(v, name, where, minimum=1)
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"LowRankConv2d: in_channels={in_channels} and out_channels={out_channels} must be divisible "
                 f"by groups={groups}"
             )
-        ks = _pair(kernel_size, "kernel_size")
-        st = _pair(stride, "stride")
-        dl = _pair(dilation, "dilation")
-        pd = _pair(padding, "padding")
-        if isinstance(ks, str) or isinstance(st, str) or isinstance(dl, str):
-            raise ValueError("LowRankConv2d: kernel_size, stride and dilation must be ints or pairs")
+        ks: tuple[int, int] = fz.as_pair(kernel_size, "kernel_size", where)  # type: ignore[assignment]
+        st: tuple[int, int] = fz.as_pair(stride, "stride", where)  # type: ignore[assignment]
+        dl: tuple[int, int] = fz.as_pair(dilation, "dilation", where)  # type: ignore[assignment]
+        pd = fz.as_pair(padding, "padding", where, strings=("same", "valid"))
+        rk: int | tuple[int, int]
         if scheme == "tucker2":
-            rk: int | tuple[int, int] = (rank, rank) if isinstance(rank, int) else tuple(int(x) for x in rank)  # type: ignore[assignment]
-            if len(rk) != 2:  # type: ignore[arg-type]
-                raise ValueError(
-                    f"LowRankConv2d: tucker2 rank={rank!r} must be an int or a pair (R_in, R_out)"
-                )
-            ranks = list(rk)  # type: ignore[arg-type]
+            rk = fz.as_pair(rank, "rank", where)  # type: ignore[assignment]
+            for name, v in zip(("R_in", "R_out"), rk):  # type: ignore[arg-type]
+                check_int(v, f"rank {name}", where, minimum=1)
         else:
-            if not isinstance(rank, int):
-                raise ValueError(f"LowRankConv2d: scheme={scheme!r} takes an int rank, got {rank!r}")
-            rk = rank
-            ranks = [rank]
-        for v in ranks:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"LowRankConv2d: rank={rank!r} must be >= 1")
+            if not is_int(rank):
+                raise ValueError(f"{where}: scheme={scheme!r} takes an int rank, got {rank!r}")
+            rk = check_int(rank, "rank", where, minimum=1)  # type: ignore[assignment]
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.dilation, self.padding = ks, st, dl, pd
         self.groups, self.padding_mode, self.scheme, self.rank = groups, padding_mode, scheme, rk

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_struct._checks import check_int, check_number
 from lightning_struct.ops.tied import TieMode, as_matrix, tied_weight_least_squares
 
 __all__ = ["TiedBottleneck", "TiedMLP", "check_tieable_bottleneck"]
@@ -286,10 +287,8 @@ class TiedMLP(nn.Module):
     ) -> None:
         super().__init__()
         for name, v in (("in_dim", in_dim), ("mlp_dim", mlp_dim)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"TiedMLP: {name} must be a positive int, got {v!r}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"TiedMLP: dropout must be in [0, 1), got {dropout}")
+            check_int(v, name, "TiedMLP", minimum=1)
+        check_number(dropout, "dropout", "TiedMLP", minimum=0, maximum=1, open_max=True)
         self.in_dim, self.mlp_dim = in_dim, mlp_dim
         self.weight = nn.Parameter(torch.empty(mlp_dim, in_dim))
         if bias:

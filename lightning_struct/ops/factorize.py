@@ -37,11 +37,14 @@ et al. 2016).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from lightning_struct._checks import check_choice, check_int, check_number
 
 ConvScheme = Literal["channel", "spatial", "tucker2"]
 CONV_SCHEMES: tuple[str, ...] = ("channel", "spatial", "tucker2")
@@ -52,6 +55,7 @@ Padding = str | Pair
 __all__ = [
     "CONV_SCHEMES",
     "allocate_budget",
+    "as_pair",
     "check_scheme",
     "channel_factors",
     "compose_channel",
@@ -86,19 +90,14 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 def check_scheme(scheme: str) -> str:
     """Return ``scheme`` if it is a conv scheme, else raise ``ValueError`` listing the allowed ones."""
-    if scheme not in CONV_SCHEMES:
-        raise ValueError(
-            f"scheme={scheme!r} is not a conv factorization scheme; allowed: {list(CONV_SCHEMES)}"
-        )
-    return scheme
+    return check_choice(scheme, "scheme", CONV_SCHEMES)
 
 
 def _conv_dims(w: Tensor, groups: int) -> tuple[int, int, int, int, int]:
     """``(g, Ng, Cg, kh, kw)`` of a conv kernel, validating shape and groups."""
     if w.dim() != 4:
         raise ValueError(f"conv weight must have shape (N, C/groups, kh, kw); got {tuple(w.shape)}")
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups={groups!r} must be a positive int")
+    check_int(groups, "groups", minimum=1)
     n, cg, kh, kw = w.shape
     if n % groups:
         raise ValueError(f"out_channels={n} is not divisible by groups={groups}")
@@ -106,18 +105,34 @@ def _conv_dims(w: Tensor, groups: int) -> tuple[int, int, int, int, int]:
 
 
 def _check_rank(rank: int, what: str = "rank") -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"{what}={rank!r} must be an int >= 1")
+    check_int(rank, what, minimum=1)
     return rank
 
 
-def _pair(v: int | Sequence[int], what: str) -> Pair:
-    if isinstance(v, int):
-        return (v, v)
-    t = tuple(int(x) for x in v)
-    if len(t) != 2:
-        raise ValueError(f"{what}={v!r} must be an int or a pair of ints")
-    return (t[0], t[1])
+def as_pair(
+    value: int | Sequence[int] | str, name: str, where: str = "", *, strings: Sequence[str] = ()
+) -> Pair | str:
+    """``value`` as an ``(a, b)`` pair of ints: an int ``a`` gives ``(a, a)``, a length-2 sequence
+    of ints passes; a string is returned unchanged if it is one of ``strings`` (e.g. ``"same"``,
+    ``"valid"`` for a padding).
+
+    Raises:
+        ValueError: anything else (the message names ``where``, ``name``, the value and what is
+            allowed).
+    """
+    prefix = f"{where}: " if where else ""
+    if isinstance(value, str):
+        if value in strings:
+            return value
+        allowed = " or one of " + ", ".join(map(repr, strings)) if strings else ""
+        raise ValueError(f"{prefix}{name}={value!r} must be an int or a pair of ints{allowed}")
+    items = tuple(value) if isinstance(value, Sequence) else (value, value)
+    if len(items) == 2 and not any(isinstance(x, bool) for x in items):
+        try:
+            return (operator.index(items[0]), operator.index(items[1]))
+        except TypeError:
+            pass
+    raise ValueError(f"{prefix}{name}={value!r} must be an int or a pair of ints")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +325,7 @@ def tucker2_factors(w: Tensor, ranks: int | Sequence[int], groups: int = 1) -> t
         ``last (N, R_out, 1, 1)`` (takes the bias); all three are grouped convs with ``g`` groups.
     """
     g, ng, cg, kh, kw = _conv_dims(w, groups)
-    r_in, r_out = _pair(ranks, "ranks")
+    r_in, r_out = as_pair(ranks, "ranks")  # type: ignore[misc]
     _check_rank(r_in, "R_in")
     _check_rank(r_out, "R_out")
     w64 = w.detach().to(torch.float64)
@@ -402,8 +417,7 @@ def energy_rank(s: Tensor, energy: float) -> int:
         s: singular values ``(m,)`` or ``(g, m)`` (rank shared by the groups).
         energy: fraction in ``(0, 1]``; ``1.0`` returns the full rank ``m``.
     """
-    if not (isinstance(energy, (int, float)) and 0.0 < float(energy) <= 1.0):
-        raise ValueError(f"energy={energy!r} must be a float in (0, 1] (fraction of squared singular values)")
+    check_number(energy, "energy", minimum=0, open_min=True, maximum=1)  # of the squared singular values
     frac = retained_energy(s)
     m = frac.shape[0]
     if float(energy) >= 1.0:
@@ -414,8 +428,7 @@ def energy_rank(s: Tensor, energy: float) -> int:
 
 def ratio_rank(full_rank: int, ratio: float) -> int:
     """``ceil(ratio * full_rank)`` (at least 1): a fixed fraction of the full rank."""
-    if not (isinstance(ratio, (int, float)) and 0.0 < float(ratio) <= 1.0):
-        raise ValueError(f"ratio={ratio!r} must be a float in (0, 1] (fraction of the full rank)")
+    check_number(ratio, "ratio", minimum=0, open_min=True, maximum=1)  # of the full rank
     return max(1, min(full_rank, math.ceil(float(ratio) * full_rank - 1e-9)))
 
 
@@ -433,7 +446,7 @@ def conv_out_hw(
     h, w = (int(v) for v in in_hw)
     if padding == "same":
         return (h, w)
-    pad = (0, 0) if padding == "valid" else _pair(padding, "padding")  # type: ignore[arg-type]
+    pad = (0, 0) if padding == "valid" else as_pair(padding, "padding")
     out = []
     for n, k, s, p, d in zip((h, w), kernel, stride, pad, dilation):
         out.append((n + 2 * p - d * (k - 1) - 1) // s + 1)
@@ -460,7 +473,7 @@ def conv_factor_params(
         k = int(rank)  # type: ignore[arg-type]
         return g * k * cg * kh + n * k * kw + b
     if scheme == "tucker2":
-        ri, ro = _pair(rank, "rank")
+        ri, ro = as_pair(rank, "rank")  # type: ignore[misc]
         return g * ri * cg + g * ro * ri * kh * kw + n * ro + b
     check_scheme(scheme)
     raise AssertionError  # pragma: no cover
@@ -495,11 +508,11 @@ def conv_factor_flops(
         if padding in ("same", "valid"):
             v_pad: Padding = padding
         else:
-            v_pad = (_pair(padding, "padding")[0], 0)  # type: ignore[arg-type]
+            v_pad = (as_pair(padding, "padding")[0], 0)  # type: ignore[assignment]
         hv, wv = conv_out_hw(in_hw, (kh, 1), (stride[0], 1), v_pad, (dilation[0], 1))
         return g * k * cg * kh * hv * wv + n * k * kw * ho * wo
     if scheme == "tucker2":
-        ri, ro = _pair(rank, "rank")
+        ri, ro = as_pair(rank, "rank")  # type: ignore[misc]
         h, w = (int(v) for v in in_hw)
         return g * ri * cg * h * w + g * ro * ri * kh * kw * ho * wo + n * ro * ho * wo
     check_scheme(scheme)

@@ -19,8 +19,8 @@ and groups), computed with real FFTs:
   ``torch.bmm`` on frequency-major tensors ``(N0 * N1h * g, B, C/g)`` (one permute copy per
   transformed tensor). The spectrum is stored ``(.., C_out/g, C_in/g)`` and used transposed,
   and the backward products are arranged so that no operand needs a conjugate that BLAS cannot
-  apply itself (measured: a conjugated, non-transposed operand makes MKL's batched complex GEMM
-  2-3x slower). Depthwise-like layers (one input channel per group) use an elementwise product
+  apply itself (a conjugated, non-transposed operand makes MKL's batched complex GEMM 2-3x
+  slower). Depthwise-like layers (one input channel per group) use an elementwise product
   per channel instead.
 * **Stride** along the height is folded into the frequency domain: with ``N0 = s * M0`` the
   subsampled output's spectrum is ``(1/s) sum_r Y[k + r M0]`` (aliasing), so the channel
@@ -51,6 +51,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from lightning_struct._checks import check_choice, check_int, is_int
 
 __all__ = [
     "FFTConvPlan",
@@ -178,17 +180,8 @@ class FFTConvPlan:
         return (self.axes, self.groups, self.c_in, self.c_out)
 
 
-#: Fold the height stride into the frequency domain (aliasing) instead of subsampling the
-#: inverse transform. Both are exact; the switch exists so benchmarks and tests can compare.
-FOLD_STRIDE = True
-
-
-def _plan_cached(*args: object) -> FFTConvPlan:
-    return _plan_impl(*args, FOLD_STRIDE)  # type: ignore[arg-type]
-
-
 @functools.lru_cache(maxsize=1024)
-def _plan_impl(
+def _plan_cached(
     hw: tuple[int, int],
     k: tuple[int, int],
     stride: tuple[int, int],
@@ -209,12 +202,12 @@ def _plan_impl(
 # argument checking (mirrors F.conv2d's rules, with ValueError / TypeError)
 # --------------------------------------------------------------------------------------------
 def _tuple(value: _IntOrPair, n: int, name: str, *, minimum: int) -> tuple[int, ...]:
-    if isinstance(value, bool) or not isinstance(value, (int, Sequence)) or isinstance(value, str):
+    if not (is_int(value) or (isinstance(value, Sequence) and not isinstance(value, str))):
         raise TypeError(f"{name} must be an int or a sequence of {n} ints, got {value!r}")
-    vals = (value,) * n if isinstance(value, int) else tuple(value)
+    vals = (value,) * n if is_int(value) else tuple(value)  # type: ignore[arg-type]
     if len(vals) == 1:
         vals = vals * n
-    if len(vals) != n or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+    if len(vals) != n or not all(is_int(v) for v in vals):
         raise ValueError(f"{name} must be an int or a sequence of {n} ints, got {value!r}")
     if any(v < minimum for v in vals):
         raise ValueError(f"{name} must be >= {minimum} in every dimension, got {value!r}")
@@ -282,10 +275,8 @@ def _check(
         raise ValueError(
             f"{fn}: expected a {nd + 2}D weight (C_out, C_in/groups, *k), got shape {tuple(weight.shape)}"
         )
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"{fn}: groups must be a positive int, got {groups!r}")
-    if padding_mode not in ("zeros", "circular"):
-        raise ValueError(f"{fn}: padding_mode={padding_mode!r}; allowed: 'zeros', 'circular'")
+    check_int(groups, "groups", fn, minimum=1)
+    check_choice(padding_mode, "padding_mode", ("zeros", "circular"), fn)
     c_in = input.shape[-nd - 1]
     c_out = weight.shape[0]
     if c_out == 0 or c_out % groups != 0:
@@ -329,8 +320,14 @@ def plan_fft_conv2d(
     dilation: _IntOrPair = 1,
     groups: int = 1,
     padding_mode: PaddingMode = "zeros",
+    *,
+    fold_stride: bool = True,
 ) -> FFTConvPlan:
-    """The :class:`FFTConvPlan` of ``fft_conv2d`` for these shapes (input ``(B, C, H, W)``)."""
+    """The :class:`FFTConvPlan` of ``fft_conv2d`` for these shapes (input ``(B, C, H, W)``).
+
+    ``fold_stride``: fold the height stride into the frequency domain (the default, see the
+    module docstring) instead of subsampling the inverse transform; both are exact.
+    """
     x = torch.empty(tuple(input_shape), device="meta")
     w = torch.empty(tuple(weight_shape), device="meta")
     st, pads, dil, circ = _check(
@@ -338,7 +335,8 @@ def plan_fft_conv2d(
     )
     hw = (int(input_shape[-2]), int(input_shape[-1]))
     k = (int(weight_shape[2]), int(weight_shape[3]))
-    return _plan_cached(hw, k, st, dil, pads, circ, groups, int(input_shape[-3]), int(weight_shape[0]))  # type: ignore[arg-type]
+    c_in, c_out = int(input_shape[-3]), int(weight_shape[0])
+    return _plan_cached(hw, k, st, dil, pads, circ, groups, c_in, c_out, bool(fold_stride))  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,12 +422,15 @@ def kernel_spectrum(
     dilation: _IntOrPair = 1,
     groups: int = 1,
     padding_mode: PaddingMode = "zeros",
+    *,
+    fold_stride: bool = True,
 ) -> KernelSpectrum:
     """Precompute the kernel spectrum that :func:`fft_conv2d` (4-D ``weight``) or
     :func:`fft_conv1d` (3-D ``weight``) computes for inputs of ``input_shape``; no autograd.
 
     Pass the result as ``spectrum=`` to skip the kernel transform (the weight still receives its
     gradient). float16/bfloat16 weights give a float32 spectrum (the dtype the FFT runs in).
+    ``fold_stride`` must be the value the convolution is called with (it sets the grid).
     """
     if weight.dim() == 3:  # 1-D: the height-1 2-D problem fft_conv1d solves
         stride, padding, dilation = _as_2d_args(stride, padding, dilation)
@@ -437,7 +438,9 @@ def kernel_spectrum(
         input_shape = (*input_shape[:-1], 1, input_shape[-1])
     if weight.dtype in (torch.float16, torch.bfloat16):
         weight = weight.float()
-    plan = plan_fft_conv2d(input_shape, weight.shape, stride, padding, dilation, groups, padding_mode)
+    plan = plan_fft_conv2d(
+        input_shape, weight.shape, stride, padding, dilation, groups, padding_mode, fold_stride=fold_stride
+    )
     with torch.no_grad():
         return KernelSpectrum(plan.key, _kernel_spectrum_tensor(weight.detach(), plan))
 
@@ -694,6 +697,7 @@ def fft_conv2d(
     *,
     padding_mode: PaddingMode = "zeros",
     spectrum: KernelSpectrum | None = None,
+    fold_stride: bool = True,
 ) -> Tensor:
     """2-D convolution (cross-correlation) by FFT with the semantics of ``F.conv2d``.
 
@@ -707,6 +711,8 @@ def fft_conv2d(
             ``padding_mode="circular"`` computes: periodic extension of the input).
         spectrum: a :func:`kernel_spectrum` of this weight for these shapes (skips the kernel
             transform; the weight still gets its gradient).
+        fold_stride: fold the height stride into the frequency domain (default) instead of
+            subsampling the inverse transform; both are exact (the benchmark compares them).
 
     Returns:
         ``(B, C_out, H_out, W_out)`` (or unbatched), contiguous, dtype as ``F.conv2d`` returns.
@@ -731,6 +737,7 @@ def fft_conv2d(
         groups,
         int(input.shape[1]),
         int(weight.shape[0]),
+        bool(fold_stride),
     )
     spec = None
     if spectrum is not None:

@@ -45,6 +45,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_struct._checks import check_choice, check_int, check_number
+
 ForceKind = Literal["l2", "l1"]
 ForceScale = Literal["authors", "gradient"]
 
@@ -81,17 +83,14 @@ def _check(weight: Tensor, groups: int, what: str = "weight") -> None:
             f"{what} must have at least 2 dims (filters x ...), got shape {tuple(weight.shape)}; "
             "biases and norm-layer parameters are not regularized"
         )
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    check_int(groups, "groups", minimum=1)
     if weight.shape[0] % groups != 0:
         raise ValueError(f"{what} has {weight.shape[0]} filters, not divisible by groups={groups}")
 
 
 def _check_kind_scale(kind: str, scale: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"kind={kind!r}; allowed: {', '.join(map(repr, KINDS))}")
-    if scale not in SCALES:
-        raise ValueError(f"scale={scale!r}; allowed: {', '.join(map(repr, SCALES))}")
+    check_choice(kind, "kind", KINDS)
+    check_choice(scale, "scale", SCALES)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -175,12 +174,9 @@ def _l1_matrix(
 
 
 def _validate_eps(eps_norm: float, eps_dist: float | None) -> None:
-    if not (isinstance(eps_norm, (int, float)) and eps_norm >= 0 and math.isfinite(eps_norm)):
-        raise ValueError(f"eps_norm must be a finite float >= 0, got {eps_norm!r}")
-    if eps_dist is not None and not (
-        isinstance(eps_dist, (int, float)) and eps_dist >= 0 and math.isfinite(eps_dist)
-    ):
-        raise ValueError(f"eps_dist must be None or a finite float >= 0, got {eps_dist!r}")
+    # maximum=inf, open: finite
+    check_number(eps_norm, "eps_norm", minimum=0, maximum=math.inf, open_max=True)
+    check_number(eps_dist, "eps_dist", minimum=0, maximum=math.inf, open_max=True, optional=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,9 +381,7 @@ def force_energy(
 # metrics
 # ----------------------------------------------------------------------------------------------
 def _check_energy(energy: float) -> float:
-    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not (0.0 < float(energy) <= 1.0):
-        raise ValueError(f"energy must be a float in (0, 1], got {energy!r}")
-    return float(energy)
+    return check_number(energy, "energy", minimum=0, open_min=True, maximum=1)  # type: ignore[return-value]
 
 
 def _squared_singular_values(weight: Tensor, groups: int) -> Tensor:

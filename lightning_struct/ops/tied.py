@@ -14,7 +14,7 @@ pairs: "staged" sharing, one ``W`` for all identity-shaped blocks of a stage)::
 (the objective is a sum of squares in ``W``; setting its gradient ``2 sum_b (2W - c_b R_b -
 e_b E_b^T)`` to zero gives the mean). The scalars ``c_b, e_b > 0`` depend on ``mode``:
 
-* ``"average"``: ``c_b = e_b = 1``, the plain least-squares problem of the issue,
+* ``"average"``: ``c_b = e_b = 1``, the plain least-squares problem,
   ``W = (R + E^T) / 2`` for one pair. Right when the scale of each weight matters, e.g. an FFN
   ``W2 GELU(W1 x + b1) + b2`` (nothing normalises ``W1 x``).
 * ``"balanced"``: ``c_b = sqrt(||E_b|| / ||R_b||)``, ``e_b = 1 / c_b``, so both rescaled weights
@@ -38,6 +38,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_struct._checks import check_choice
+
 __all__ = ["TieMode", "as_matrix", "tie_scales", "tied_weight_least_squares"]
 
 TieMode = Literal["average", "balanced"]
@@ -55,8 +57,7 @@ def as_matrix(w: Tensor, name: str) -> Tensor:
 
 def tie_scales(reduce_weight: Tensor, expand_weight: Tensor, mode: TieMode) -> tuple[float, float]:
     """The scalars ``(c, e)`` of one pair for ``mode`` (see the module docstring)."""
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    check_choice(mode, "mode", _MODES, "tie_scales")
     if mode == "average":
         return 1.0, 1.0
     nr = float(torch.linalg.vector_norm(reduce_weight.detach().double()))

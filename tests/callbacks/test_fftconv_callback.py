@@ -6,15 +6,15 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import TinyCNN, quiet_trainer, tiny_loader
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.nn.utils import parametrizations
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_struct import FFTConvolution
 from lightning_struct.callbacks import fftconv as cb_module
@@ -23,7 +23,8 @@ from lightning_struct.nn import FFTConv2d
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Decisions compare two implementations on one core: stable on a busy 2-core machine."""
+    """Decisions compare two implementations on one thread: other processes on the machine then
+    slow both alike, so the comparison stays stable."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -65,56 +66,11 @@ class SmallNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-class Module(pl.LightningModule):
+class Module(TinyCNN):
+    """The shared tiny classifier around ``SmallNet`` or ``BigSmallNet`` (SGD, momentum 0.9)."""
+
     def __init__(self, net: str = "small", lr: float = 0.1) -> None:
-        super().__init__()
-        self.net = SmallNet() if net == "small" else BigSmallNet()
-        self.lr = lr
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train/loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val/loss", nn.functional.cross_entropy(self(x), y))
-
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("test/loss", nn.functional.cross_entropy(self(x), y))
-
-    def predict_step(self, batch, batch_idx):
-        return self(batch[0])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-
-
-def make_loader(n: int = 32, size: int = 12, channels: int = 1, batch_size: int = 8, shuffle: bool = False):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, channels, size, size, generator=g)
-    y = torch.randint(0, 3, (n,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
-
-
-def make_trainer(callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
-    defaults: dict[str, Any] = dict(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **defaults)
+        super().__init__(net=SmallNet() if net == "small" else BigSmallNet(), lr=lr, momentum=0.9)
 
 
 def _params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -130,10 +86,10 @@ def test_always_swaps_all_and_training_matches_direct() -> None:
     swapped = copy.deepcopy(direct)
     cb = FFTConvolution(policy="always")
     pl.seed_everything(1)
-    make_trainer([], max_epochs=2).fit(direct, make_loader(shuffle=True))
+    quiet_trainer(max_epochs=2).fit(direct, tiny_loader(size=12, shuffle=True))
     pl.seed_everything(1)
     params_before = {n: p for n, p in swapped.named_parameters()}
-    make_trainer([cb], max_epochs=2).fit(swapped, make_loader(shuffle=True))
+    quiet_trainer(callbacks=[cb], max_epochs=2).fit(swapped, tiny_loader(size=12, shuffle=True))
     assert cb.swapped == ["net.conv1", "net.conv2", "net.conv3"]
     assert all(isinstance(getattr(swapped.net, f"conv{i}"), FFTConv2d) for i in (1, 2, 3))
     assert all(d.use_fft and math.isnan(d.direct_ms) for d in cb.decisions)
@@ -148,14 +104,14 @@ def test_always_swaps_all_and_training_matches_direct() -> None:
 def test_include_exclude_and_list_policy() -> None:
     model = Module()
     cb = FFTConvolution(policy="always", include="net.conv*", exclude="net.conv2")
-    make_trainer([cb]).fit(model, make_loader())
+    quiet_trainer(callbacks=[cb]).fit(model, tiny_loader(size=12))
     assert cb.swapped == ["net.conv1", "net.conv3"] and type(model.net.conv2) is nn.Conv2d
     model = Module()
     cb = FFTConvolution(policy=["net.conv2"])
-    make_trainer([cb]).fit(model, make_loader())
+    quiet_trainer(callbacks=[cb]).fit(model, tiny_loader(size=12))
     assert cb.swapped == ["net.conv2"] and isinstance(model.net.conv2, FFTConv2d)
     with pytest.raises(ValueError, match="net.nope"):
-        make_trainer([FFTConvolution(policy=["net.nope"])]).fit(Module(), make_loader())
+        quiet_trainer(callbacks=[FFTConvolution(policy=["net.nope"])]).fit(Module(), tiny_loader(size=12))
 
 
 # ------------------------------------------------------------------------------------------
@@ -171,8 +127,8 @@ def test_auto_swaps_large_kernel_and_keeps_small_one(monkeypatch, tmp_path: Path
     pl.seed_everything(0)
     model = Module(net="bigsmall", lr=0.01)
     cb = FFTConvolution(margin=1.1, repeats=3)
-    trainer = make_trainer([cb], max_steps=2, logger=pl.loggers.CSVLogger(tmp_path, name="csv"))
-    trainer.fit(model, make_loader(n=16, size=64, channels=2, batch_size=4))
+    trainer = quiet_trainer(callbacks=[cb], max_steps=2, logger=pl.loggers.CSVLogger(tmp_path, name="csv"))
+    trainer.fit(model, tiny_loader(n=16, size=64, channels=2, batch_size=4))
     by_layer = {d.layer: d for d in cb.decisions}
     big, small = by_layer["net.big"], by_layer["net.small"]
     assert big.input_shapes == [(4, 2, 64, 64)] and small.input_shapes == [(4, 4, 8, 8)]
@@ -200,7 +156,7 @@ def test_wandb_table_written_offline(tmp_path: Path) -> None:
     cb = FFTConvolution(policy="always")
     logger = WandbLogger(project="fftconv-test", save_dir=str(tmp_path), offline=True)
     try:
-        make_trainer([cb], logger=logger, max_steps=1).fit(Module(), make_loader())
+        quiet_trainer(callbacks=[cb], logger=logger, max_steps=1).fit(Module(), tiny_loader(size=12))
     finally:
         wandb.finish()
     tables = list(tmp_path.rglob("decisions*.table.json"))
@@ -216,8 +172,8 @@ def test_auto_leaves_rng_and_batchnorm_untouched() -> None:
     for callbacks in ([], [FFTConvolution(policy="auto", repeats=1, warmup=0, margin=1e9)]):
         pl.seed_everything(3)
         model = Module(net="bigsmall", lr=0.01)
-        make_trainer(callbacks, max_steps=3).fit(
-            model, make_loader(n=24, size=32, channels=2, batch_size=4, shuffle=True)
+        quiet_trainer(callbacks=callbacks, max_steps=3).fit(
+            model, tiny_loader(n=24, size=32, channels=2, batch_size=4, shuffle=True)
         )
         runs.append((model.net.bn.running_mean.clone(), _params(model), torch.rand(1)))
     (bn0, p0, r0), (bn1, p1, r1) = runs
@@ -229,21 +185,21 @@ def test_auto_leaves_rng_and_batchnorm_untouched() -> None:
 def test_stages_redecide_forward_only_and_revert() -> None:
     model = Module()
     cb = FFTConvolution(policy="auto", repeats=1, warmup=0, margin=1.0, revert_on_end=True)
-    trainer = make_trainer([cb])
-    trainer.fit(model, make_loader())
+    trainer = quiet_trainer(callbacks=[cb])
+    trainer.fit(model, tiny_loader(size=12))
     assert {d.stage for d in cb.decisions} == {"fit"} and all(d.input_shapes for d in cb.decisions)
     assert cb.swapped == [] and all(
         type(m) is nn.Conv2d for m in model.net.modules() if isinstance(m, nn.Conv2d)
     )
-    trainer.test(model, make_loader())
+    trainer.test(model, tiny_loader(size=12))
     assert {d.stage for d in cb.decisions} == {"test"}
-    trainer.validate(model, make_loader())
+    trainer.validate(model, tiny_loader(size=12))
     assert {d.stage for d in cb.decisions} == {"validate"}
-    preds = trainer.predict(model, make_loader())
+    preds = trainer.predict(model, tiny_loader(size=12))
     assert {d.stage for d in cb.decisions} == {"predict"} and len(preds) == 4
     # manual revert of a kept swap
     cb2 = FFTConvolution(policy="always")
-    make_trainer([cb2]).test(model, make_loader())
+    quiet_trainer(callbacks=[cb2]).test(model, tiny_loader(size=12))
     assert isinstance(model.net.conv1, FFTConv2d)
     assert cb2.revert() == ["net.conv1", "net.conv2", "net.conv3"] and type(model.net.conv1) is nn.Conv2d
 
@@ -252,7 +208,7 @@ def test_input_shapes_argument_and_unsupported_layers() -> None:
     model = Module()
     model.net.conv2 = parametrizations.weight_norm(model.net.conv2)
     with pytest.raises(ValueError, match="net.conv2.*parametrized"):
-        make_trainer([FFTConvolution(policy="always")]).fit(model, make_loader())
+        quiet_trainer(callbacks=[FFTConvolution(policy="always")]).fit(model, tiny_loader(size=12))
     cb = FFTConvolution(
         policy="auto",
         repeats=1,
@@ -260,7 +216,7 @@ def test_input_shapes_argument_and_unsupported_layers() -> None:
         on_unsupported="skip",
         input_shapes={"net.conv1": (8, 1, 12, 12), "net.conv3": (8, 6, 6, 6)},
     )
-    make_trainer([cb]).fit(model, make_loader())
+    quiet_trainer(callbacks=[cb]).fit(model, tiny_loader(size=12))
     assert [d.layer for d in cb.decisions] == ["net.conv1", "net.conv3"]
     assert cb.decisions[0].input_shapes == [(8, 1, 12, 12)]
 
@@ -290,17 +246,17 @@ class _DictData(torch.utils.data.Dataset):
 def test_input_fn_for_custom_batches() -> None:
     loader = DataLoader(_DictData(), batch_size=4)
     with pytest.raises(RuntimeError, match="input_fn"):
-        make_trainer([FFTConvolution(repeats=1, warmup=0)]).fit(DictBatchModule(), loader)
+        quiet_trainer(callbacks=[FFTConvolution(repeats=1, warmup=0)]).fit(DictBatchModule(), loader)
     cb = FFTConvolution(repeats=1, warmup=0, input_fn=lambda b: (b["image"], 1.0))
-    make_trainer([cb]).fit(DictBatchModule(), loader)
+    quiet_trainer(callbacks=[cb]).fit(DictBatchModule(), loader)
     assert cb.decisions[0].input_shapes == [(4, 1, 12, 12)]
 
 
 def test_checkpoint_of_swapped_model_loads_into_plain_model(tmp_path: Path) -> None:
     model = Module()
     cb = FFTConvolution(policy="always")
-    trainer = make_trainer([cb], enable_checkpointing=True, default_root_dir=tmp_path)
-    trainer.fit(model, make_loader())
+    trainer = quiet_trainer(tmp_path, [cb], enable_checkpointing=True)
+    trainer.fit(model, tiny_loader(size=12))
     ckpt = tmp_path / "final.ckpt"
     trainer.save_checkpoint(ckpt)
     plain = Module.load_from_checkpoint(ckpt)
@@ -311,10 +267,12 @@ def test_checkpoint_of_swapped_model_loads_into_plain_model(tmp_path: Path) -> N
     assert torch.allclose(model(x), plain(x), atol=1e-5)
     state = torch.load(ckpt, weights_only=False)["callbacks"]
     saved = next(v for k, v in state.items() if "FFTConvolution" in k)
-    assert saved["swapped"] == ["net.conv1", "net.conv2", "net.conv3"]
+    assert set(saved) == {"decisions"}  # what load_state_dict reads
+    assert [d["layer"] for d in saved["decisions"] if d["use_fft"]] == ["net.conv1", "net.conv2", "net.conv3"]
     fresh = FFTConvolution()
     fresh.load_state_dict(saved)
-    assert [d.layer for d in fresh.decisions] == saved["swapped"]
+    assert [d.layer for d in fresh.decisions] == ["net.conv1", "net.conv2", "net.conv3"]
+    assert [d.reason for d in fresh.decisions] == [d.reason for d in cb.decisions] and fresh.swapped == []
 
 
 # ------------------------------------------------------------------------------------------
@@ -341,14 +299,14 @@ def test_ddp_spawn_two_processes_identical(tmp_path: Path) -> None:
     model = Module(net="bigsmall", lr=0.01)
     init = _params(model)
     cb = FFTConvolution(policy="auto", repeats=2, warmup=1)
-    trainer = make_trainer(
-        [cb, SaveRank(str(tmp_path))],
+    trainer = quiet_trainer(
+        callbacks=[cb, SaveRank(str(tmp_path))],
         strategy="ddp_spawn",
         devices=2,
         max_epochs=1,
         use_distributed_sampler=True,
     )
-    trainer.fit(model, make_loader(n=16, size=64, channels=2, batch_size=4))
+    trainer.fit(model, tiny_loader(n=16, size=64, channels=2, batch_size=4))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert r0["decisions"] == r1["decisions"]  # rank 0's measurements, broadcast

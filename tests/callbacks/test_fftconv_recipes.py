@@ -39,9 +39,9 @@ class StepTimer(Callback):
         STEP_TIMES[self.tag].append(time.perf_counter() - self._t0)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_struct.nn.fftconv import _FFTConvMixin
+        from lightning_struct.nn import FFTConvNd
 
-        FFT_LAYERS[self.tag] = [n for n, m in pl_module.named_modules() if isinstance(m, _FFTConvMixin)]
+        FFT_LAYERS[self.tag] = [n for n, m in pl_module.named_modules() if isinstance(m, FFTConvNd)]
 
 
 class DecisionProbe(Callback):
@@ -68,7 +68,7 @@ def _timer(tag: str) -> list[str]:
 def test_digits_fft_recipe_matches_direct_and_reports_step_time(tmp_path: Path) -> None:
     common = ["recipe=mathieu2014/digits_fft", "logger=csv", "test=false", "trainer.max_epochs=3", *QUIET]
     n = torch.get_num_threads()
-    torch.set_num_threads(1)  # both runs alike on a busy 2-core machine
+    torch.set_num_threads(1)  # both runs alike, whatever else the machine runs
     try:
         fft = run_train([*common, *_timer("fft")], tmp_path / "fft")
         direct = run_train([*common, "callbacks.fftconv=null", *_timer("direct")], tmp_path / "direct")

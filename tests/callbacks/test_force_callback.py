@@ -12,10 +12,10 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import TinyCNN, quiet_trainer, tiny_loader
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.nn.utils import parametrize, prune
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_struct import ForceRegularization
 from lightning_struct.callbacks.force import StrengthSchedule
@@ -25,7 +25,7 @@ REGULARIZED = ["net.conv2", "net.conv3", "net.fc1"]  # default: not conv1 (first
 
 
 # ------------------------------------------------------------------------------------------
-# a tiny model and data (module level: picklable for ddp_spawn)
+# a tiny model (module level: picklable for ddp_spawn); data and Trainer from helpers
 # ------------------------------------------------------------------------------------------
 class TinyNet(nn.Module):
     def __init__(self) -> None:
@@ -44,44 +44,11 @@ class TinyNet(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
-class TinyModule(pl.LightningModule):
+class TinyModule(TinyCNN):
+    """The shared tiny classifier around :class:`TinyNet` (SGD, lr 0.05, momentum 0.9)."""
+
     def __init__(self, lr: float = 0.05, momentum: float = 0.9) -> None:
-        super().__init__()
-        self.net = TinyNet()
-        self.lr = lr
-        self.momentum = momentum
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
-
-
-def make_loader(n: int = 32, batch_size: int = 8, seed: int = 0) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 8, 8, generator=g)
-    y = torch.randint(0, 3, (n,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
-
-
-def make_trainer(callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
-    defaults: dict[str, Any] = dict(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **defaults)
+        super().__init__(net=TinyNet(), lr=lr, momentum=momentum)
 
 
 class GradProbe(Callback):
@@ -136,7 +103,7 @@ def test_gradient_is_modified_exactly(kind: str, scale: str) -> None:
     pl.seed_everything(0)
     before, after = GradProbe(), GradProbe()
     cb = ForceRegularization(0.3, kind=kind, scale=scale, log_every_n_steps=None)
-    make_trainer([before, cb, after], precision="64-true").fit(TinyModule(), make_loader())
+    quiet_trainer(callbacks=[before, cb, after], precision="64-true").fit(TinyModule(), tiny_loader())
     assert [layer.name for layer in cb.layers] == REGULARIZED
     assert cb.step == 4
     check_exact_force(before, after, [0.3] * 4, kind, scale)
@@ -146,8 +113,8 @@ def test_gradient_accumulation_applies_once_per_optimizer_step() -> None:
     pl.seed_everything(0)
     before, after = GradProbe(), GradProbe()
     cb = ForceRegularization(0.2, log_every_n_steps=None)
-    make_trainer([before, cb, after], precision="64-true", accumulate_grad_batches=2).fit(
-        TinyModule(), make_loader(n=32, batch_size=4)
+    quiet_trainer(callbacks=[before, cb, after], precision="64-true", accumulate_grad_batches=2).fit(
+        TinyModule(), tiny_loader(n=32, batch_size=4)
     )
     assert cb.step == 4  # 8 batches / 2
     check_exact_force(before, after, [0.2] * 4)
@@ -157,7 +124,7 @@ def test_bf16_autocast_path() -> None:
     pl.seed_everything(0)
     before, after = GradProbe(), GradProbe()
     cb = ForceRegularization(0.5, kind="l1", log_every_n_steps=None)
-    make_trainer([before, cb, after], precision="bf16-mixed").fit(TinyModule(), make_loader())
+    quiet_trainer(callbacks=[before, cb, after], precision="bf16-mixed").fit(TinyModule(), tiny_loader())
     assert cb.step == 4
     for g in after.grads:
         assert all(v.dtype == torch.float32 for v in g.values())
@@ -175,11 +142,11 @@ def test_fp16_gradscaler_force_sees_unscaled_gradients() -> None:
     cb = ForceRegularization(0.5, log_every_n_steps=None)
     model = TinyModule()
     ref = copy.deepcopy(model)
-    trainer = make_trainer(
-        [before, cb, after], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], max_steps=1
+    trainer = quiet_trainer(
+        callbacks=[before, cb, after], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], max_steps=1
     )
-    trainer.fit(model, make_loader())
-    x, y = next(iter(make_loader()))
+    trainer.fit(model, tiny_loader())
+    x, y = next(iter(tiny_loader()))
     ref.train()
     nn.functional.cross_entropy(ref(x), y).backward()
     for name, p in ref.named_parameters():
@@ -211,13 +178,13 @@ def test_force_is_added_before_gradient_clipping() -> None:
             opt.register_step_post_hook(post_hook)
 
     max_norm = 1e-3
-    trainer = make_trainer(
-        [before, cb, after, StepRecorder()],
+    trainer = quiet_trainer(
+        callbacks=[before, cb, after, StepRecorder()],
         precision="64-true",
         gradient_clip_val=max_norm,
         gradient_clip_algorithm="norm",
     )
-    trainer.fit(TinyModule(), make_loader())
+    trainer.fit(TinyModule(), tiny_loader())
     check_exact_force(before, after, [0.3] * 4)
     assert len(stepped) == 4
     for g_after, g_step in zip(after.grads, stepped):
@@ -252,7 +219,7 @@ def test_pruned_and_parametrized_weights_are_found() -> None:
     model = PrunedModule()
     before, after = GradProbe(), GradProbe()
     cb = ForceRegularization(0.25, scale="gradient", log_every_n_steps=None)
-    make_trainer([before, cb, after], precision="64-true").fit(model, make_loader())
+    quiet_trainer(callbacks=[before, cb, after], precision="64-true").fit(model, tiny_loader())
     assert [layer.name for layer in cb.layers] == REGULARIZED
     mask = model.net.conv2.weight_mask
     for g0, g1, w in zip(before.grads, after.grads, before.weights):
@@ -299,20 +266,20 @@ def test_callable_schedule_stop_and_every_n_steps() -> None:
 
     before, after = GradProbe(), GradProbe()
     cb = ForceRegularization(sched, stop_after_steps=3, log_every_n_steps=None)
-    make_trainer([before, cb, after], precision="64-true", max_epochs=2).fit(TinyModule(), make_loader())
+    quiet_trainer(callbacks=[before, cb, after], precision="64-true", max_epochs=2).fit(TinyModule(), tiny_loader())
     assert seen == [0, 1, 2]  # not called once stopped
     check_exact_force(before, after, [0.1, 0.2, 0.3, 0, 0, 0, 0, 0])
 
     before, after = GradProbe(), GradProbe()
     cb = ForceRegularization(0.1, every_n_steps=3, log_every_n_steps=None)
-    make_trainer([before, cb, after], precision="64-true", max_epochs=2).fit(TinyModule(), make_loader())
+    quiet_trainer(callbacks=[before, cb, after], precision="64-true", max_epochs=2).fit(TinyModule(), tiny_loader())
     check_exact_force(before, after, [0.3, 0, 0, 0.3, 0, 0, 0.3, 0])
 
 
 def test_bad_schedule_value_raises_naming_the_step() -> None:
     cb = ForceRegularization(lambda step: -1.0 if step == 2 else 0.1, log_every_n_steps=None)
     with pytest.raises(ValueError, match="at step 2"):
-        make_trainer([cb], max_epochs=1).fit(TinyModule(), make_loader())
+        quiet_trainer(callbacks=[cb], max_epochs=1).fit(TinyModule(), tiny_loader())
 
 
 # ------------------------------------------------------------------------------------------
@@ -363,7 +330,7 @@ def test_only_parameters_of_the_stepped_optimizer_are_touched() -> None:
     pl.seed_everything(0)
     before, after = GradProbe(), GradProbe()
     cb = ForceRegularization(0.3, log_every_n_steps=None)
-    make_trainer([before, cb, after], precision="64-true", max_steps=4).fit(TwoOptimizers(), make_loader())
+    quiet_trainer(callbacks=[before, cb, after], precision="64-true", max_steps=4).fit(TwoOptimizers(), tiny_loader())
     # hook calls alternate: conv optimizer, fc optimizer; each time only its own layers change
     assert len(before.grads) == 4
     for k, (g0, g1) in enumerate(zip(before.grads, after.grads)):
@@ -409,8 +376,8 @@ def test_metrics_are_logged(monkeypatch: pytest.MonkeyPatch) -> None:
     logger = RecordingLogger()
     probe = GradProbe()
     cb = ForceRegularization(0.1, log_every_n_steps=2, energies=(0.9, 0.95))
-    trainer = make_trainer([probe, cb], logger=logger, log_every_n_steps=1000, max_epochs=2)
-    trainer.fit(TinyModule(), make_loader())
+    trainer = quiet_trainer(callbacks=[probe, cb], logger=logger, log_every_n_steps=1000, max_epochs=2)
+    trainer.fit(TinyModule(), tiny_loader())
     # the network summary is also in callback_metrics (what `lightning-struct train` returns)
     last = cb.history[-1]
     for key in ("force/total_rank@0.95", "force/total_rank_fraction@0.9"):
@@ -447,12 +414,18 @@ def test_metrics_are_logged(monkeypatch: pytest.MonkeyPatch) -> None:
 # ------------------------------------------------------------------------------------------
 # checkpoints: state and bit-identical resume
 # ------------------------------------------------------------------------------------------
-def test_state_dict_round_trip_and_state_key() -> None:
+def test_state_dict_round_trip_and_state_key(caplog: pytest.LogCaptureFixture) -> None:
     a = ForceRegularization(0.1, kind="l2")
     a.step = 17
     b = ForceRegularization(0.1, kind="l2")
-    b.load_state_dict(a.state_dict())
-    assert b.step == 17
+    assert a.state_dict() == {"step": 17, "kind": "l2", "scale": "authors", "strength": "0.1"}
+    with caplog.at_level("WARNING", logger="lightning_struct.callbacks.force"):
+        b.load_state_dict(a.state_dict())
+    assert b.step == 17 and not caplog.records
+    # every saved setting is read back: a resume with other settings is reported
+    with caplog.at_level("WARNING", logger="lightning_struct.callbacks.force"):
+        ForceRegularization(0.2, kind="l1").load_state_dict(a.state_dict())
+    assert sorted(r.args[0] for r in caplog.records) == ["kind", "strength"]  # type: ignore[index]
     assert ForceRegularization(0.1, kind="l1").state_key != a.state_key
     assert ForceRegularization(0.1, include="net.*").state_key != a.state_key
     with pytest.raises(ValueError, match="no 'step'"):
@@ -476,8 +449,8 @@ def test_resume_at_epoch_boundary_is_bit_identical(tmp_path: Path) -> None:
         pl.seed_everything(seed_model)
         model = TinyModule()
         cb = ForceRegularization(_schedule(), log_every_n_steps=None)
-        trainer = make_trainer([cb], max_epochs=max_epochs)
-        trainer.fit(model, make_loader(), ckpt_path=ckpt)
+        trainer = quiet_trainer(callbacks=[cb], max_epochs=max_epochs)
+        trainer.fit(model, tiny_loader(), ckpt_path=ckpt)
         return model, trainer, cb
 
     straight, _, cb_straight = fit(2)
@@ -519,8 +492,8 @@ class SaveRankWeights(Callback):
 def test_ddp_spawn_ranks_stay_identical(tmp_path: Path) -> None:
     pl.seed_everything(0)
     cb = ForceRegularization(0.5, kind="l1", log_every_n_steps=2)
-    trainer = make_trainer(
-        [cb, SaveRankWeights(str(tmp_path))],
+    trainer = quiet_trainer(
+        callbacks=[cb, SaveRankWeights(str(tmp_path))],
         strategy="ddp_spawn",
         devices=2,
         max_epochs=2,
@@ -528,7 +501,7 @@ def test_ddp_spawn_ranks_stay_identical(tmp_path: Path) -> None:
     )
     model = TinyModule()
     init = _weights(model)
-    trainer.fit(model, make_loader(n=64))
+    trainer.fit(model, tiny_loader(n=64))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["step"] == r1["step"] == 8  # 64 samples / 2 ranks / batch 8 * 2 epochs
@@ -590,6 +563,6 @@ def test_cuda_gradient_is_modified_exactly(kind: str) -> None:
     pl.seed_everything(0)
     before, after = GradProbe(), GradProbe()
     cb = ForceRegularization(0.3, kind=kind, log_every_n_steps=2)
-    make_trainer([before, cb, after], accelerator="gpu", precision="32-true").fit(TinyModule(), make_loader())
+    quiet_trainer(callbacks=[before, cb, after], accelerator="gpu", precision="32-true").fit(TinyModule(), tiny_loader())
     assert cb.step == 4 and cb.history
     check_exact_force(before, after, [0.3] * 4, kind, tol=1e-5)

@@ -43,7 +43,7 @@ def test_vit_pe_ties_every_mlp() -> None:
     assert all(isinstance(layer.mlp, TiedMLP) for layer in pe.encoder.layers)
     assert _n(dense) - _n(pe) == 2 * 32 * 64
     assert pe(torch.randn(3, 3, 32, 32)).shape == (3, 7)
-    with pytest.raises(ValueError, match="unknown variant"):
+    with pytest.raises(ValueError, match="variant='xl_99'; allowed: 'b_16'"):
         vit_pe("xl_99")
     with pytest.raises(ValueError, match="not divisible"):
         vit_pe("s_16", image_size=30)

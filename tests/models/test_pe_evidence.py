@@ -2,7 +2,7 @@
 
 Each test trains two small models with identical seeds, data split, optimiser and schedule,
 prints the numbers (``pytest -s`` shows them; docs/acdc_tied.md quotes them) and checks the
-claims of issue 5: within 1 point of the dense/untied model, with the parameter savings.
+claims: within 1 point of the dense/untied model, with the parameter savings.
 """
 
 from __future__ import annotations

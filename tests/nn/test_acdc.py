@@ -208,7 +208,7 @@ def test_float32_batched_leading_dims_and_dtype() -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="n_factors"):
         ACDCStack(8, n_factors=0)
-    with pytest.raises(TypeError, match="in_features"):
+    with pytest.raises(ValueError, match="in_features=8.0 must be an int"):
         ACDCStack(8.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="sigma"):
         ACDC(8, sigma=-1.0)

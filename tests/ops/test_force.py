@@ -331,15 +331,15 @@ def test_bad_arguments() -> None:
         force_gradient(torch.randn(5))
     with pytest.raises(ValueError, match="not divisible by groups=3"):
         force_gradient(w, groups=3)
-    with pytest.raises(ValueError, match="groups must be a positive int"):
+    with pytest.raises(ValueError, match="groups=0 must be an int >= 1"):
         force_gradient(w, groups=0)
     with pytest.raises(TypeError, match="torch.Tensor"):
         force_gradient(np.zeros((3, 3)))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="eps_norm"):
         force_gradient(w, eps_norm=-1.0)
-    with pytest.raises(ValueError, match="energy must be a float in"):
+    with pytest.raises(ValueError, match=r"energy=0.0 must be a number > 0 and <= 1"):
         filter_rank(w, 0.0)
-    with pytest.raises(ValueError, match="energy must be a float in"):
+    with pytest.raises(ValueError, match=r"energy=1.5 must be a number > 0 and <= 1"):
         filter_rank(w, 1.5)
     with pytest.raises(ValueError, match="energies must not be empty"):
         filter_ranks(w, [])
