@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import make_image_folder, run_cli, run_train
 
+from lightning_struct.app.spectra import main, parse_args
 from lightning_struct.ops.spectral import conv_spectral_norm
-from lightning_struct.spectra_cli import main, parse_args
 
 QUIET = ["callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false"]
 
@@ -29,7 +29,7 @@ def test_named_model_writes_csv_and_png(tmp_path, capsys):
 def test_norm_mode_matches_exact_norm_and_selection_keeps_input_channels():
     import torchvision
 
-    from lightning_struct.spectra_cli import analyse
+    from lightning_struct.app.spectra import analyse
 
     net = torchvision.models.resnet18(weights=None)
     rows, values = analyse(net, (16, 16), include=["layer2.0.conv1"], stats="norm")

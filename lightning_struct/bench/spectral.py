@@ -7,7 +7,8 @@ kernels, stride 1, periodic boundary. Per grid point ``(c, n)`` in ``{(64, 56), 
 * **ours full**: :func:`lightning_struct.ops.spectral.conv_singular_values` - every singular value
   of the operator, sorted (float32, ``method="auto"`` = Gram route: per-frequency Hermitian Gram
   symbols from the kernel's autocorrelation taps, ``eigvalsh``, half spectrum by conjugate
-  symmetry, chunks in parallel; eigenvalues by SciPy's LAPACK from 96 channels on);
+  symmetry, chunks in parallel; eigenvalues by SciPy's LAPACK from
+  ``config.scipy_lapack_from`` channels on);
 * **ours norm**: :func:`lightning_struct.ops.spectral.conv_spectral_norm` (Lanczos, adaptive steps);
 * **numpy Sedghi FFT** (Sedghi et al. 2019, written from the formula): ``fft2`` of the kernel in
   ``(k, k, C_in, C_out)`` layout padded to ``n x n`` (float32 in, so complex64 with numpy >= 2),
@@ -20,17 +21,17 @@ kernels, stride 1, periodic boundary. Per grid point ``(c, n)`` in ``{(64, 56), 
 
 A numpy baseline is timed with its BLAS limited to one thread (``threadpoolctl``) and, in the
 full run, also at its default threads; the faster counts, so a baseline is never slowed down by
-OpenBLAS threading of small matrices (measured up to 10x slower on a shared 2-core machine).
-Ours uses the intra-op threads as independent workers (see :mod:`lightning_struct.ops.spectral`).
+OpenBLAS threading of small matrices. Ours uses the intra-op threads as independent workers
+(see :mod:`lightning_struct.ops.spectral._pool`).
 Ours runs before and after the baselines; the faster turn counts.
 
 Also (full run only): **resnet50 norms** - the operator norms of all 53 convolutions of a
 torchvision ResNet-50 (``weights=None``) at their real resolutions for a 224x224 input (target
-<= 1 s on 2 cores), against the exact full spectra of the same layers (``baseline = ours full``),
-with the largest relative error of the fast path in ``extra``.
+1 s, reported as ``target_s``), against the exact full spectra of the same layers
+(``baseline = ours full``), with the largest relative error of the fast path in ``extra``.
 
 ``--quick``: the grid points (128, 28) and (256, 14) against both numpy baselines and one
-explicit-SVD row (well under a minute on 2 cores).
+explicit-SVD row.
 """
 
 from __future__ import annotations

@@ -24,16 +24,24 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
+from typing_extensions import override
 
+from lightning_struct._checks import check_bool, check_choice, check_globs, check_int, check_number
 from lightning_struct.callbacks._log import log_scalars, log_wandb, wandb_loggers
-from lightning_struct.ops.spectral import clip_conv_operator_norm, module_spectral_norm, module_spectrum
+from lightning_struct.ops.spectral import (
+    CONV_TYPES,
+    SPECTRUM_STATS,
+    SUPPORTED_TYPES,
+    LayerSpectrum,
+    clip_conv_operator_norm,
+    lipschitz_bound,
+    model_spectra,
+)
 from lightning_struct.select import InputSizeRecorder, resolve_types, select_layers, weight_parameter
 
 log = logging.getLogger(__name__)
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-DEFAULT_TYPES: tuple[type, ...] = (*_CONVS, nn.Linear)
-STATS = ("sigma_max", "sigma_min", "condition_number", "stable_rank", "effective_rank")
+_WHERE = "SpectralMonitor"
 
 
 class SpectralMonitor(Callback):
@@ -93,7 +101,9 @@ class SpectralMonitor(Callback):
             below ~1e-3 sigma_max are only resolved to that floor in float32) or ``"auto"``.
 
     Raises:
-        ValueError: for a bad argument (named in the message), at construction time.
+        ValueError: for a bad argument (named in the message, with what is allowed), at
+            construction time; ``TypeError`` for a ``plot`` that is not a bool or a malformed
+            ``include`` / ``exclude``.
     """
 
     def __init__(
@@ -114,51 +124,42 @@ class SpectralMonitor(Callback):
         method: Literal["auto", "gram", "svd"] = "svd",
     ) -> None:
         super().__init__()
-        if method not in ("auto", "gram", "svd"):
-            raise ValueError(f"SpectralMonitor: method={method!r}; allowed: 'auto', 'gram', 'svd'")
-        for key, value in (("every_n_steps", every_n_steps), ("full_every_n_epochs", full_every_n_epochs)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ValueError(f"SpectralMonitor: {key}={value!r}; allowed: a non-negative int or None")
-        if step_stats not in ("full", "norm"):
-            raise ValueError(f"SpectralMonitor: step_stats={step_stats!r}; allowed: 'full', 'norm'")
-        if on_unsupported not in ("raise", "skip"):
-            raise ValueError(f"SpectralMonitor: on_unsupported={on_unsupported!r}; allowed: 'raise', 'skip'")
-        if not 1 <= int(histogram_bins) <= 512:
-            raise ValueError(f"SpectralMonitor: histogram_bins={histogram_bins}; allowed: 1..512 (W&B limit)")
-        if max_norm is not None:
-            if not (isinstance(max_norm, (int, float)) and math.isfinite(max_norm) and max_norm > 0):
-                raise ValueError(f"SpectralMonitor: max_norm={max_norm!r}; allowed: a positive float or None")
-            if not isinstance(clip_every_n_steps, int) or clip_every_n_steps < 1:
-                raise ValueError(
-                    f"SpectralMonitor: clip_every_n_steps={clip_every_n_steps!r}; a positive int is required with max_norm"
-                )
-        if int(clip_n_iter) < 1:
-            raise ValueError(f"SpectralMonitor: clip_n_iter={clip_n_iter}; allowed: >= 1")
-        self.every_n_steps = every_n_steps or 0
-        self.step_stats = step_stats
-        self.full_every_n_epochs = full_every_n_epochs or 0
+        self.every_n_steps = check_int(every_n_steps, "every_n_steps", _WHERE, minimum=0, optional=True) or 0
+        self.step_stats = check_choice(step_stats, "step_stats", ("full", "norm"), _WHERE)
+        self.full_every_n_epochs = (
+            check_int(full_every_n_epochs, "full_every_n_epochs", _WHERE, minimum=0, optional=True) or 0
+        )
+        check_globs(include, "include", _WHERE)
+        check_globs(exclude, "exclude", _WHERE)
+        # kept as given: they make the checkpoint state key
         self.include = include
         self.exclude = exclude
-        self.types = resolve_types(types, DEFAULT_TYPES)
-        unsupported = [t.__name__ for t in self.types if not issubclass(t, DEFAULT_TYPES)]
+        self.types = resolve_types(types, SUPPORTED_TYPES)
+        unsupported = [t.__name__ for t in self.types if not issubclass(t, SUPPORTED_TYPES)]
         if unsupported:
-            raise ValueError(f"SpectralMonitor: types {unsupported} are not supported; allowed: Conv1d/2d/3d, Linear")
-        self.on_unsupported = on_unsupported
-        self.plot = plot
-        self.histogram_bins = int(histogram_bins)
-        self.max_norm = None if max_norm is None else float(max_norm)
-        self.clip_every_n_steps = clip_every_n_steps
-        self.clip_n_iter = int(clip_n_iter)
-        self.dtype = dtype
-        self.method = method
+            raise ValueError(f"{_WHERE}: types {unsupported} are not supported; allowed: Conv1d/2d/3d, Linear")
+        self.on_unsupported = check_choice(on_unsupported, "on_unsupported", ("raise", "skip"), _WHERE)
+        self.plot = check_bool(plot, "plot", _WHERE)
+        self.histogram_bins = check_int(histogram_bins, "histogram_bins", _WHERE, minimum=1, maximum=512)  # W&B limit
+        self.max_norm = check_number(
+            max_norm, "max_norm", _WHERE, minimum=0, maximum=math.inf, open_min=True, open_max=True, optional=True
+        )
+        self.clip_every_n_steps = check_int(clip_every_n_steps, "clip_every_n_steps", _WHERE, minimum=1, optional=True)
+        if self.max_norm is not None and self.clip_every_n_steps is None:
+            raise ValueError(
+                f"{_WHERE}: clip_every_n_steps=None; an int >= 1 is required with max_norm={self.max_norm:g}"
+            )
+        self.clip_n_iter = check_int(clip_n_iter, "clip_n_iter", _WHERE, minimum=1)
+        self.dtype = check_choice(dtype, "dtype", (None, torch.float32, torch.float64), _WHERE)
+        self.method = check_choice(method, "method", ("auto", "gram", "svd"), _WHERE)
 
         self.layers: list[tuple[str, nn.Module]] = []
         self.input_sizes: dict[str, tuple[int, ...]] = {}
         self._recorder: InputSizeRecorder | None = None
-        # schedule state (saved in checkpoints)
+        # schedule state (saved in checkpoints): a step is logged / clipped at most once, also
+        # when several batches share it (gradient accumulation) and across a resume
         self._last_step_logged = -1
         self._last_clip_step = -1
-        self._epochs_done = 0
         #: per layer: {"epoch <e>": downsampled sorted spectrum} for the W&B line charts
         self.history: dict[str, dict[str, np.ndarray]] = {}
         #: the statistics of the last pass, {layer: {stat: value}}
@@ -167,9 +168,11 @@ class SpectralMonitor(Callback):
 
     # ----------------------------------------------------------------------------- setup
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(include=self.include, exclude=self.exclude)
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.layers = select_layers(
             pl_module,
@@ -177,18 +180,19 @@ class SpectralMonitor(Callback):
             self.include,
             self.exclude,
             on_unsupported=self.on_unsupported,
-            supported=DEFAULT_TYPES,
-            what="SpectralMonitor",
+            supported=SUPPORTED_TYPES,
+            what=_WHERE,
         )
         if not self.layers:
             log.warning("SpectralMonitor: no layer of %s selected; nothing will be logged", [t.__name__ for t in self.types])
-        missing = [(n, m) for n, m in self.layers if n not in self.input_sizes and isinstance(m, _CONVS)]
+        missing = [(n, m) for n, m in self.layers if n not in self.input_sizes and isinstance(m, CONV_TYPES)]
         for n, m in self.layers:
             if isinstance(m, nn.Linear):
                 self.input_sizes[n] = ()
         if missing and self._recorder is None:
             self._recorder = InputSizeRecorder(missing).attach()
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._recorder is not None:
             self._recorder.detach()
@@ -205,6 +209,7 @@ class SpectralMonitor(Callback):
         return all(n in self.input_sizes for n, _ in self.layers)
 
     # ----------------------------------------------------------------------------- hooks
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -221,9 +226,10 @@ class SpectralMonitor(Callback):
             if trainer.is_global_zero:
                 self._pass(trainer, full=self.step_stats == "full", epoch_end=False)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epochs_done = trainer.current_epoch + 1
-        if not self.full_every_n_epochs or self._epochs_done % self.full_every_n_epochs:
+        epochs_done = trainer.current_epoch + 1
+        if not self.full_every_n_epochs or epochs_done % self.full_every_n_epochs:
             return
         if not self._collect_sizes() or not trainer.is_global_zero:
             return
@@ -233,7 +239,7 @@ class SpectralMonitor(Callback):
     @torch.no_grad()
     def _clip(self) -> None:
         for name, module in self.layers:
-            if not isinstance(module, _CONVS):
+            if not isinstance(module, CONV_TYPES):
                 continue
             param = weight_parameter(module)
             if param.shape != module.weight.shape or not torch.isfinite(param).all():
@@ -249,43 +255,36 @@ class SpectralMonitor(Callback):
             )
             param.copy_(new.to(param.dtype))
 
-    @torch.no_grad()
+    def _spectra(self, full: bool) -> dict[str, LayerSpectrum]:
+        spectra = model_spectra(
+            self.layers, self.input_sizes, stats="full" if full else "norm", method=self.method, dtype=self.dtype
+        )
+        for name, layer in spectra.items():
+            if not layer.finite:
+                log.warning("SpectralMonitor: layer %r has NaN/inf weights; its statistics are logged as NaN", name)
+        return spectra
+
     def compute(self, full: bool = True) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
         """Statistics (and, with ``full``, all singular values) of every selected layer now."""
-        stats: dict[str, dict[str, float]] = {}
-        values: dict[str, torch.Tensor] = {}
-        for name, module in self.layers:
-            weight = module.weight.detach()
-            if not torch.isfinite(weight).all():
-                log.warning("SpectralMonitor: layer %r has NaN/inf weights; its statistics are logged as NaN", name)
-                stats[name] = {k: math.nan for k in (STATS if full else ("sigma_max",))}
-                continue
-            size = self.input_sizes.get(name) or None
-            if full:
-                spec = module_spectrum(module, size, method=self.method, dtype=self.dtype, weight=weight, name=name)
-                stats[name] = spec.stats()
-                values[name] = spec.values()
-            else:
-                stats[name] = {"sigma_max": float(module_spectral_norm(module, size, dtype=self.dtype, weight=weight, name=name))}
+        spectra = self._spectra(full)
+        stats = {name: layer.stats for name, layer in spectra.items()}
+        values = {name: layer.values for name, layer in spectra.items() if layer.values is not None}
         return stats, values
 
     def _pass(self, trainer: pl.Trainer, full: bool, epoch_end: bool) -> None:
         t0 = time.perf_counter()
         try:
-            stats, values = self.compute(full=full)
+            spectra = self._spectra(full)
         except Exception as err:  # monitoring must never stop training
             log.warning("SpectralMonitor: spectra failed at step %d: %s", trainer.global_step, err)
             return
+        stats = {name: layer.stats for name, layer in spectra.items()}
         self.last_stats = stats
-        metrics: dict[str, float] = {}
-        lipschitz = 1.0
-        for name, st in stats.items():
-            for key, val in st.items():
-                metrics[f"spectral/{name}/{key}"] = val
-            lipschitz *= st.get("sigma_max", math.nan)
+        metrics = {f"spectral/{name}/{key}": val for name, st in stats.items() for key, val in st.items()}
         if stats:
-            metrics["spectral/lipschitz_bound"] = lipschitz
+            metrics["spectral/lipschitz_bound"] = lipschitz_bound(spectra)
         if epoch_end:
+            values = {name: layer.values for name, layer in spectra.items() if layer.values is not None}
             self._epoch_payloads(trainer, stats, values)
         metrics["spectral/time_s"] = time.perf_counter() - t0
         log_scalars(trainer, metrics)
@@ -316,7 +315,7 @@ class SpectralMonitor(Callback):
         for name, v in values.items():
             payload[f"spectral_hist/{name}"] = wandb_histogram(v, self.histogram_bins)
             payload[f"spectral_lines/{name}"] = wandb_spectrum_lines(self.history[name], f"sorted spectrum of {name}")
-        columns = ["layer", "input_size", *STATS, "reshape_bound"]
+        columns = ["layer", "input_size", *SPECTRUM_STATS]
         rows = [
             [name, "x".join(map(str, self.input_sizes.get(name, ()))) or "-", *(st.get(k, math.nan) for k in columns[2:])]
             for name, st in stats.items()
@@ -327,16 +326,17 @@ class SpectralMonitor(Callback):
         log_wandb(trainer, payload)
 
     # ----------------------------------------------------------------------------- state
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "last_step_logged": self._last_step_logged,
             "last_clip_step": self._last_clip_step,
-            "epochs_done": self._epochs_done,
             "input_sizes": {k: list(v) for k, v in self.input_sizes.items()},
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # older checkpoints also hold "epochs_done": the epoch schedule follows trainer.current_epoch
         self._last_step_logged = int(state_dict.get("last_step_logged", -1))
         self._last_clip_step = int(state_dict.get("last_clip_step", -1))
-        self._epochs_done = int(state_dict.get("epochs_done", 0))
         self.input_sizes.update({k: tuple(v) for k, v in state_dict.get("input_sizes", {}).items()})

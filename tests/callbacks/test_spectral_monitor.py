@@ -143,6 +143,8 @@ def test_resume_keeps_schedule_and_sizes(tmp_path):
     trainer.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=True)["callbacks"]
     (key,) = [k for k in state if "SpectralMonitor" in k]
+    # exactly what load_state_dict reads (the epoch schedule follows trainer.current_epoch)
+    assert set(state[key]) == {"last_step_logged", "last_clip_step", "input_sizes"}
     assert state[key]["input_sizes"]["net.features.conv3"] == [4, 4]
     cb2 = SpectralMonitor(every_n_steps=5, full_every_n_epochs=None)
     trainer2, _ = _fit(tmp_path / "b", cb2, steps=4, epochs=2, ckpt_path=ckpt)
@@ -151,13 +153,34 @@ def test_resume_keeps_schedule_and_sizes(tmp_path):
     assert cb2.input_sizes["net.features.conv1"] == (8, 8)
 
 
+def test_state_dict_round_trip_and_old_checkpoints():
+    cb = SpectralMonitor()
+    cb.load_state_dict({"last_step_logged": 7, "last_clip_step": 3, "input_sizes": {"conv": [8, 8]}})
+    assert cb.state_dict() == {"last_step_logged": 7, "last_clip_step": 3, "input_sizes": {"conv": [8, 8]}}
+    old = SpectralMonitor()  # a checkpoint written before the epoch counter was dropped
+    old.load_state_dict({"last_step_logged": 4, "last_clip_step": -1, "epochs_done": 2, "input_sizes": {}})
+    assert old.state_dict() == {"last_step_logged": 4, "last_clip_step": -1, "input_sizes": {}}
+
+
 def test_bad_arguments_and_selection():
-    with pytest.raises(ValueError, match="every_n_steps"):
+    with pytest.raises(ValueError, match=r"SpectralMonitor: every_n_steps=-1 must be None or an int >= 0"):
         SpectralMonitor(every_n_steps=-1)
-    with pytest.raises(ValueError, match="step_stats"):
+    with pytest.raises(ValueError, match=r"SpectralMonitor: step_stats='all'; allowed: 'full', 'norm'"):
         SpectralMonitor(step_stats="all")
-    with pytest.raises(ValueError, match="clip_every_n_steps"):
+    with pytest.raises(ValueError, match="clip_every_n_steps=None; an int >= 1 is required with max_norm=1"):
         SpectralMonitor(max_norm=1.0)
+    with pytest.raises(ValueError, match="max_norm=0 must be None or a number > 0"):
+        SpectralMonitor(max_norm=0, clip_every_n_steps=1)
+    with pytest.raises(ValueError, match="histogram_bins=1000 must be an int >= 1 and <= 512"):
+        SpectralMonitor(histogram_bins=1000)
+    with pytest.raises(ValueError, match="clip_n_iter=0"):
+        SpectralMonitor(clip_n_iter=0)
+    with pytest.raises(ValueError, match="dtype=torch.float16; allowed: None, torch.float32, torch.float64"):
+        SpectralMonitor(dtype=torch.float16)
+    with pytest.raises(TypeError, match="plot='yes' must be a bool"):
+        SpectralMonitor(plot="yes")
+    with pytest.raises(TypeError, match="include must be None, a name glob or a list of globs"):
+        SpectralMonitor(include=3)
     with pytest.raises(ValueError, match="types"):
         SpectralMonitor(types=["BatchNorm2d"])
     cb = SpectralMonitor(include=["net.features.bn1"])

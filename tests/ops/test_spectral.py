@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import lightning_struct.ops.spectral as sp
 from lightning_struct.ops.spectral import (
+    SPECTRUM_STATS,
     clip_conv_operator_norm,
     conv_singular_values,
     conv_spectral_norm,
@@ -21,9 +21,12 @@ from lightning_struct.ops.spectral import (
     explicit_conv_matrix,
     frequency_mode,
     linear_spectrum,
+    lipschitz_bound,
+    model_spectra,
     module_spectral_norm,
     module_spectrum,
     reshape_bound,
+    spectral_config,
 )
 
 
@@ -278,15 +281,15 @@ def test_spectral_norm_1x1_and_lanczos_on_real_matrices():
     assert float(conv_spectral_norm(w, (7, 7), method="exact")) == pytest.approx(exact, rel=1e-5)
 
 
-def test_spectral_norm_is_deterministic_and_thread_independent(monkeypatch):
+def test_spectral_norm_is_deterministic_and_thread_independent():
     g = torch.Generator().manual_seed(8)
     w = torch.randn(128, 128, 3, 3, generator=g)
     a = conv_spectral_norm(w, (8, 8), seed=3)
     assert float(a) == float(conv_spectral_norm(w, (8, 8), seed=3))
     small = torch.randn(32, 16, 3, 3, generator=g)
     full = conv_spectrum(small, (8, 8))
-    monkeypatch.setattr(sp, "PARALLEL_LINALG", False)
-    serial = conv_spectrum(small, (8, 8))
+    with spectral_config(parallel_linalg=False):
+        serial = conv_spectrum(small, (8, 8))
     # float32 Gram route: equal up to its documented absolute floor ~sqrt(10 eps) sigma_max
     torch.testing.assert_close(serial.sigma, full.sigma, rtol=1e-5, atol=2e-3 * float(full.sigma_max))
     assert float(conv_spectral_norm(small, (8, 8))) == pytest.approx(float(full.sigma_max), rel=1e-5)
@@ -378,6 +381,39 @@ def test_linear_and_modules():
         module_spectrum(nn.BatchNorm2d(3), (4, 4))
     with pytest.raises(ValueError, match="input_size"):
         module_spectrum(conv)
+
+
+
+def test_model_spectra_full_norm_and_nan_layers():
+    """The per-layer loop of SpectralMonitor and `lightning-struct spectra`, against the single-layer ops."""
+    torch.manual_seed(16)
+    conv, lin, bad = nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Linear(6, 5), nn.Conv2d(4, 4, 3)
+    with torch.no_grad():
+        bad.weight[0, 0, 0, 0] = float("nan")
+    layers = [("conv", conv), ("lin", lin), ("bad", bad)]
+    sizes = {"conv": (8, 8), "bad": (4, 4)}
+    full = model_spectra(layers, sizes, stats="full", method="svd")
+    assert list(full) == ["conv", "lin", "bad"]
+    spec = module_spectrum(conv, (8, 8), method="svd")
+    assert full["conv"].stats == spec.stats() and list(full["conv"].stats) == list(SPECTRUM_STATS)
+    torch.testing.assert_close(full["conv"].values, spec.values(), rtol=0, atol=0)
+    assert (full["conv"].kind, full["conv"].weight_shape, full["conv"].input_size) == ("Conv2d", (4, 3, 3, 3), (8, 8))
+    assert full["lin"].input_size == () and full["lin"].stats["sigma_max"] == pytest.approx(
+        float(torch.linalg.matrix_norm(lin.weight.detach(), 2)), rel=1e-6
+    )
+    assert not full["bad"].finite and full["bad"].values is None
+    assert set(full["bad"].stats) == set(SPECTRUM_STATS) and all(math.isnan(v) for v in full["bad"].stats.values())
+    assert math.isnan(lipschitz_bound(full))
+    norm = model_spectra(layers[:2], sizes, stats="norm")
+    assert set(norm["conv"].stats) == {"sigma_max"} and norm["conv"].values is None
+    assert norm["conv"].stats["sigma_max"] == float(module_spectral_norm(conv, (8, 8)))
+    assert lipschitz_bound(norm) == norm["conv"].stats["sigma_max"] * norm["lin"].stats["sigma_max"]
+    with pytest.raises(ValueError, match="model_spectra: stats='all'"):
+        model_spectra(layers, sizes, stats="all")
+    with pytest.raises(ValueError, match="conv: input_size"):
+        model_spectra(layers[:1], {})
+    with pytest.raises(TypeError, match="bn: BatchNorm2d is not supported"):
+        model_spectra([("bn", nn.BatchNorm2d(3))], {"bn": (4, 4)})
 
 
 def test_zero_padding_gap_shrinks_with_resolution():

@@ -1,5 +1,6 @@
 """The fast paths of ``ops.spectral``: SciPy LAPACK eigenvalues, tridiagonal Ritz values, Lanczos
-norms on both operator routes, and the Gram-taps symbols, each against a brute-force reference."""
+norms on both operator routes, and the Gram-taps symbols, each against a brute-force reference;
+the routes are forced through ``spectral_config``."""
 
 from __future__ import annotations
 
@@ -10,8 +11,16 @@ import pytest
 import torch
 
 import lightning_struct.ops.spectral as sp
-from lightning_struct.ops import _lapack
-from lightning_struct.ops.spectral import conv_singular_values, conv_spectral_norm, conv_spectrum
+from lightning_struct.ops.spectral import (
+    _lapack,
+    config,
+    conv_singular_values,
+    conv_spectral_norm,
+    conv_spectrum,
+    spectral_config,
+)
+from lightning_struct.ops.spectral.eigen import _eigvalsh_desc
+from lightning_struct.ops.spectral.norm import _tridiag_top
 
 needs_scipy_lapack = pytest.mark.skipif(not _lapack.available(torch.complex64), reason="no SciPy LAPACK")
 
@@ -46,13 +55,14 @@ def test_scipy_lapack_rejects_bad_layout_and_handles_empty_batches():
 
 
 @needs_scipy_lapack
-def test_eigvalsh_desc_same_on_both_routes_and_keeps_input(monkeypatch):
-    G = _hermitian(7, 100, torch.complex64, seed=3)  # >= the SciPy route threshold
+def test_eigvalsh_desc_same_on_both_routes_and_keeps_input():
+    G = _hermitian(7, 100, torch.complex64, seed=3)
+    assert G.shape[-1] >= config.scipy_lapack_from
     keep = G.clone()
-    scipy_route = sp._eigvalsh_desc(G)
+    scipy_route = _eigvalsh_desc(G)
     torch.testing.assert_close(G, keep, rtol=0, atol=0)  # not overwritten unless asked
-    monkeypatch.setattr(sp, "USE_SCIPY_LAPACK", False)
-    torch_route = sp._eigvalsh_desc(G)
+    with spectral_config(use_scipy_lapack=False):
+        torch_route = _eigvalsh_desc(G)
     torch.testing.assert_close(scipy_route, torch_route, rtol=1e-4, atol=1e-4 * float(torch_route.max()))
     assert bool((scipy_route[..., :-1] >= scipy_route[..., 1:]).all())  # descending
 
@@ -65,7 +75,7 @@ def test_tridiag_top_is_the_largest_eigenvalue(k):
     if k > 1:
         T = T + torch.diag_embed(beta.T, 1) + torch.diag_embed(beta.T, -1)
     ref = np.linalg.eigvalsh(T.numpy())[:, -1]
-    np.testing.assert_allclose(sp._tridiag_top(alpha, beta).numpy(), ref, rtol=1e-12)
+    np.testing.assert_allclose(_tridiag_top(alpha, beta).numpy(), ref, rtol=1e-12)
 
 
 def _exact_norm(w: torch.Tensor, n, **kw) -> float:
@@ -83,12 +93,12 @@ def _exact_norm(w: torch.Tensor, n, **kw) -> float:
         (96, 64, (8, 8), 2, "symbol"),  # strided, input side via the block symbol
     ],
 )
-def test_lanczos_norm_on_both_routes_matches_full_spectrum(monkeypatch, co, ci, n, stride, route):
+def test_lanczos_norm_on_both_routes_matches_full_spectrum(co, ci, n, stride, route):
     g = torch.Generator().manual_seed(co + ci + stride)
     w = torch.randn(co, ci, 3, 3, generator=g) * math.sqrt(2 / (9 * ci))
     exact = _exact_norm(w, n, stride=stride)
-    monkeypatch.setattr(sp, "_gram_route_is_cheaper", lambda *a, **k: route == "taps")
-    fast = float(conv_spectral_norm(w, n, stride=stride))
+    with spectral_config(gram_route=route):
+        fast = float(conv_spectral_norm(w, n, stride=stride))
     assert fast <= exact * (1 + 1e-5)  # Ritz values approach from below
     assert (exact - fast) / exact <= 1e-3, (fast, exact)
     # tighter tolerance -> closer, and the float64 path converges to ~machine precision
@@ -113,26 +123,26 @@ def test_spectral_norm_rtol_is_validated_and_used():
     assert loose <= tight * (1 + 1e-6)
 
 
-def test_full_spectrum_same_on_taps_and_symbol_routes(monkeypatch):
+def test_full_spectrum_same_on_taps_and_symbol_routes():
     g = torch.Generator().manual_seed(11)
     w = torch.randn(24, 20, 3, 3, generator=g, dtype=torch.float64)
     for stride in (1, 2):
-        monkeypatch.setattr(sp, "_gram_route_is_cheaper", lambda *a, **k: True)
-        taps = conv_singular_values(w, (8, 8), stride=stride, method="gram")
-        monkeypatch.setattr(sp, "_gram_route_is_cheaper", lambda *a, **k: False)
-        sym = conv_singular_values(w, (8, 8), stride=stride, method="gram")
+        with spectral_config(gram_route="taps"):
+            taps = conv_singular_values(w, (8, 8), stride=stride, method="gram")
+        with spectral_config(gram_route="symbol"):
+            sym = conv_singular_values(w, (8, 8), stride=stride, method="gram")
         svd = conv_singular_values(w, (8, 8), stride=stride, method="svd")
         torch.testing.assert_close(taps, sym, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(taps, svd, rtol=1e-6, atol=1e-6 * float(svd[0]))
 
 
 @needs_scipy_lapack
-def test_full_spectrum_scipy_route_matches_torch_route(monkeypatch):
+def test_full_spectrum_scipy_route_matches_torch_route():
     g = torch.Generator().manual_seed(12)
     w = torch.randn(128, 128, 3, 3, generator=g) * 0.03
     ours = conv_singular_values(w, (6, 6))
-    monkeypatch.setattr(sp, "USE_SCIPY_LAPACK", False)
-    ref = conv_singular_values(w, (6, 6))
+    with spectral_config(use_scipy_lapack=False):
+        ref = conv_singular_values(w, (6, 6))
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=2e-3 * float(ref[0]))
 
 
@@ -143,3 +153,41 @@ def test_reshape_bound_is_lazy_and_correct():
     ref = 3.0 * torch.linalg.matrix_norm(w.reshape(8, -1), ord=2)
     assert float(spec.reshape_bound) == pytest.approx(float(ref), rel=1e-12)
     assert not callable(spec.reshape_sigma_max)  # computed once, kept
+
+
+def test_forced_taps_route_falls_back_where_it_does_not_exist():
+    """The input-side Gram of a strided conv has no taps route: gram_route="taps" uses the symbol."""
+    g = torch.Generator().manual_seed(13)
+    w = torch.randn(40, 6, 3, 3, generator=g, dtype=torch.float64)  # C_out=40 > S*C_in=24: input side
+    ref = conv_singular_values(w, (8, 8), stride=2, method="svd")
+    with spectral_config(gram_route="taps"):
+        forced = conv_singular_values(w, (8, 8), stride=2, method="gram")
+        norm = float(conv_spectral_norm(w, (8, 8), stride=2))
+    torch.testing.assert_close(forced, ref, rtol=1e-6, atol=1e-6 * float(ref[0]))
+    assert norm == pytest.approx(float(ref[0]), rel=1e-8)
+
+
+def test_spectral_config_sets_restores_and_validates():
+    before = (config.parallel_linalg, config.gram_route, config.scipy_lapack_from)
+    with spectral_config(parallel_linalg=False, gram_route="symbol") as cfg:
+        assert cfg is config and not config.parallel_linalg and config.gram_route == "symbol"
+    assert (config.parallel_linalg, config.gram_route, config.scipy_lapack_from) == before
+    with pytest.raises(RuntimeError), spectral_config(scipy_lapack_from=8):
+        assert config.scipy_lapack_from == 8
+        raise RuntimeError  # restored on an exception too
+    assert config.scipy_lapack_from == before[2]
+    with pytest.raises(ValueError, match="unknown field.*'gram_rout'.*did you mean 'gram_route'"):
+        with spectral_config(gram_rout="taps"):
+            pass
+    with pytest.raises(ValueError, match="gram_route='fast'; allowed: 'auto', 'taps', 'symbol'"):
+        with spectral_config(gram_route="fast"):
+            pass
+    with pytest.raises(ValueError, match="chunk_bytes=0 must be an int >= 1"):
+        with spectral_config(chunk_bytes=0):
+            pass
+    with pytest.raises(TypeError, match="parallel_linalg=1 must be a bool"):
+        with spectral_config(parallel_linalg=1):
+            pass
+    assert (config.parallel_linalg, config.gram_route, config.scipy_lapack_from) == before  # nothing changed
+    with pytest.warns(DeprecationWarning, match="config.parallel_linalg"):
+        assert sp.PARALLEL_LINALG is config.parallel_linalg

@@ -36,9 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_struct.callbacks.spectral import DEFAULT_TYPES, STATS
-from lightning_struct.ops.spectral import module_spectral_norm, module_spectrum
+from lightning_struct._checks import check_choice, check_unknown
+from lightning_struct.ops.spectral import CONV_TYPES, SPECTRUM_STATS, SUPPORTED_TYPES, model_spectra
 from lightning_struct.select import InputSizeRecorder, select_layers
+
+_WHERE = "lightning-struct spectra"
 
 KEYS = ("ckpt", "model", "input_size", "in_channels", "include", "exclude", "stats", "method", "out")
 
@@ -51,15 +53,12 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
         key = key.lstrip("+")
         if not sep:
             raise ValueError(f"argument {item!r} is not key=value; keys: {', '.join(KEYS)}")
-        if key not in KEYS:
-            raise ValueError(f"unknown key {key!r}; allowed: {', '.join(KEYS)}")
+        check_unknown([key], KEYS, "key")
         args[key] = value
     if ("ckpt" in args) == ("model" in args):
         raise ValueError("give exactly one of ckpt=PATH or model=NAME (a torchvision model)")
-    if args.get("stats", "full") not in ("full", "norm"):
-        raise ValueError(f"stats={args['stats']!r}; allowed: full, norm")
-    if args.get("method", "svd") not in ("svd", "gram", "auto"):
-        raise ValueError(f"method={args['method']!r}; allowed: svd, gram, auto")
+    check_choice(args.get("stats", "full"), "stats", ("full", "norm"))
+    check_choice(args.get("method", "svd"), "method", ("svd", "gram", "auto"))
     return args
 
 
@@ -102,37 +101,31 @@ def analyse(
     method: str = "svd",
 ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """Per-layer rows (statistics) and singular values of ``net`` at ``input_size``."""
-    layers = select_layers(net, DEFAULT_TYPES, include, exclude, what="lightning-struct spectra")
+    layers = select_layers(net, SUPPORTED_TYPES, include, exclude, what=_WHERE)
     if not layers:
         raise ValueError("no Conv/Linear layer selected")
     # the network's input channels come from its first conv, selected or not
-    first_conv = next((m for m in net.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
+    first_conv = next((m for m in net.modules() if isinstance(m, CONV_TYPES)), None)
     channels = in_channels or (first_conv.in_channels if first_conv is not None else 3)
     net.eval()
     with torch.no_grad(), InputSizeRecorder(layers) as rec:
         net(torch.zeros(1, channels, *input_size))
+    spectra = model_spectra(layers, rec.sizes, stats=stats, method=method)  # type: ignore[arg-type]
     rows: list[dict[str, Any]] = []
-    values: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for name, module in layers:
-            size = rec.sizes.get(name) or None
-            t0 = time.perf_counter()
-            if stats == "full":
-                spec = module_spectrum(module, size, method=method, name=name)  # type: ignore[arg-type]
-                st = spec.stats()
-                values[name] = spec.values()
-            else:
-                st = {"sigma_max": float(module_spectral_norm(module, size, name=name))}
-            rows.append(
-                {
-                    "layer": name,
-                    "type": type(module).__name__,
-                    "weight_shape": "x".join(map(str, module.weight.shape)),
-                    "input_size": "x".join(map(str, size or ())) or "-",
-                    **{k: st.get(k, math.nan) for k in (*STATS, "reshape_bound")},
-                    "seconds": time.perf_counter() - t0,
-                }
-            )
+    for layer in spectra.values():
+        if not layer.finite:
+            print(f"{_WHERE}: layer {layer.name!r} has NaN/inf weights; its statistics are NaN", file=sys.stderr)
+        rows.append(
+            {
+                "layer": layer.name,
+                "type": layer.kind,
+                "weight_shape": "x".join(map(str, layer.weight_shape)),
+                "input_size": "x".join(map(str, layer.input_size)) or "-",
+                **{k: layer.stats.get(k, math.nan) for k in SPECTRUM_STATS},
+                "seconds": layer.seconds,
+            }
+        )
+    values = {name: layer.values for name, layer in spectra.items() if layer.values is not None}
     return rows, values
 
 

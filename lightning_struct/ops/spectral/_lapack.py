@@ -1,9 +1,9 @@
 """Eigenvalues of many Hermitian matrices through SciPy's LAPACK, one call per matrix, GIL released.
 
-Why: on the CPUs this project is measured on (AMD EPYC, torch wheels with MKL), OpenBLAS's
-``cheevd`` (the LAPACK that SciPy ships) is 1.2x (n = 128) to 1.65x (n = 512) faster than the
-MKL ``cheevd`` behind ``torch.linalg.eigvalsh``; at n = 64 MKL is slightly faster. The routines
-are reached through SciPy's public Cython LAPACK API (``scipy.linalg.cython_lapack``: function
+With torch wheels that link MKL, OpenBLAS's ``cheevd`` (the LAPACK that SciPy ships) can be faster
+than the MKL ``cheevd`` behind ``torch.linalg.eigvalsh`` for matrices of about a hundred rows and
+more, and slower for smaller ones: hence the threshold ``config.scipy_lapack_from``. The routines are
+reached through SciPy's public Cython LAPACK API (``scipy.linalg.cython_lapack``: function
 pointers in ``__pyx_capi__``, the same route numba takes) and called with :mod:`ctypes`, which
 releases the GIL, so the thread pool of :mod:`lightning_struct.ops.spectral` runs them in
 parallel. One workspace per call, no large allocation per matrix.
@@ -28,7 +28,7 @@ _LOCK = threading.Lock()
 _FUNCS: dict[str, Callable[..., None]] | None = None
 _CONTROLLER = None
 
-# name -> (number of pointer arguments, real/complex workspace dtypes)
+# dtype -> (LAPACK routine, number of pointer arguments)
 _ROUTINES = {
     torch.complex64: ("cheevd", 13),
     torch.complex128: ("zheevd", 13),

@@ -1,0 +1,1 @@
+"""Everything that reads argv or Hydra: the train, spectra and export commands."""
