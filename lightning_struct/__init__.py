@@ -6,7 +6,9 @@ Public API (imported lazily, so ``import lightning_struct`` stays cheap):
 * :class:`SpectralMonitor` - exact conv spectra by Local Fourier Analysis
 * :class:`StructuredConversion` - low-rank / ACDC / tied conversion, then fine-tune
 * :class:`FFTConvolution` - per-layer autotuned FFT convolution
-* :func:`convert`, :func:`load_converted` - model surgery outside a Trainer
+* :func:`convert`, :func:`load_converted`, :func:`fold_back`, :func:`save_converted`,
+  :func:`restore_structure`, :class:`ConversionOptions` - model surgery outside a Trainer
+* :func:`fit_convert_finetune` - fit, convert, fine-tune with a fresh Trainer (every strategy)
 """
 
 from __future__ import annotations
@@ -22,14 +24,20 @@ _EXPORTS: dict[str, str] = {
     "SpectralMonitor": "lightning_struct.callbacks.spectral",
     "StructuredConversion": "lightning_struct.callbacks.conversion",
     "FFTConvolution": "lightning_struct.callbacks.fftconv",
-    "convert": "lightning_struct.convert",
-    "load_converted": "lightning_struct.convert",
+    "convert": "lightning_struct.surgery",
+    "load_converted": "lightning_struct.surgery",
+    "fold_back": "lightning_struct.surgery",
+    "save_converted": "lightning_struct.surgery",
+    "restore_structure": "lightning_struct.surgery",
+    "ConversionOptions": "lightning_struct.surgery",
+    "fit_convert_finetune": "lightning_struct.callbacks.two_phase",
     "ImageClassifier": "lightning_struct.models",
     "DigitsDataModule": "lightning_struct.data",
     "ImageFolderDataModule": "lightning_struct.data",
 }
 
 __all__ = [
+    "ConversionOptions",
     "DigitsDataModule",
     "FFTConvolution",
     "ForceRegularization",
@@ -39,7 +47,11 @@ __all__ = [
     "StructuredConversion",
     "__version__",
     "convert",
+    "fit_convert_finetune",
+    "fold_back",
     "load_converted",
+    "restore_structure",
+    "save_converted",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,9 +59,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightning_struct.callbacks.fftconv import FFTConvolution
     from lightning_struct.callbacks.force import ForceRegularization
     from lightning_struct.callbacks.spectral import SpectralMonitor
-    from lightning_struct.convert import convert, load_converted
+    from lightning_struct.callbacks.two_phase import fit_convert_finetune
     from lightning_struct.data import DigitsDataModule, ImageFolderDataModule
     from lightning_struct.models import ImageClassifier
+    from lightning_struct.surgery import (
+        ConversionOptions,
+        convert,
+        fold_back,
+        load_converted,
+        restore_structure,
+        save_converted,
+    )
 
 
 def __getattr__(name: str) -> Any:

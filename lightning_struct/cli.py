@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 
 # subcommand -> (module, function taking argv, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
-    "train": ("lightning_struct.train", "main", "train a model from Hydra configs/recipes"),
-    "spectra": ("lightning_struct.spectra_cli", "main", "exact conv spectra of a checkpoint or model"),
+    "train": ("lightning_struct.app.train", "main", "train a model from Hydra configs/recipes"),
+    "spectra": ("lightning_struct.app.spectra", "main", "exact conv spectra of a checkpoint or model"),
     "bench": ("lightning_struct.bench", "main", "benchmarks with ratios against their baselines"),
 }
 

@@ -11,7 +11,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from lightning_struct._resources import config_dir
-from lightning_struct.train import register_recipes
+from lightning_struct.app.train import register_recipes
 
 CONF = config_dir()
 GROUPS = ["data", "model", "callbacks", "logger", "trainer", "paths"]

@@ -77,7 +77,7 @@ def test_cli_unknown_recipe_fails_clearly(tmp_path):
 
 
 def test_missing_data_root_fails_before_training(tmp_path):
-    from lightning_struct.train import train
+    from lightning_struct.app.train import train
 
     cfg = compose_cfg(["data=imagefolder", "logger=none"], tmp_path)
     with pytest.raises(ValueError, match=r"data\.root"):

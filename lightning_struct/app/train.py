@@ -195,8 +195,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         if cfg.get("train", True):
             if cfg.get("conversion"):
-                # fit -> convert -> fine-tune with a fresh Trainer (see lightning_struct.convert.two_phase)
-                from lightning_struct.convert.two_phase import fit_convert_finetune_from_config
+                # fit -> convert -> fine-tune with a fresh Trainer (see lightning_struct.callbacks.two_phase)
+                from lightning_struct.app.two_phase import fit_convert_finetune_from_config
 
                 trainer, extra = fit_convert_finetune_from_config(
                     cfg, model, datamodule, trainer, loggers, build_callbacks

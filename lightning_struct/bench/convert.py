@@ -103,7 +103,7 @@ def run(quick: bool = False, device: str = "cpu") -> list[Row]:
     """Dense vs low-rank ResNet-50 forward for the two weight sets."""
     import torchvision
 
-    from lightning_struct.convert import convert
+    from lightning_struct.surgery import convert
 
     batch, size = (2, 112) if quick else (8, 224)
     repeats = 3 if quick else 7

@@ -13,7 +13,7 @@ The story, hook by hook:
   ``load_state_dict`` but the callbacks' ``on_load_checkpoint`` *after*, so the callback hook
   would be too late).
 * ``on_train_epoch_start`` of epoch ``at_epoch``: take ``calibration_batches`` training batches,
-  :func:`lightning_struct.convert.convert` the selected layers, re-create the optimizers and LR
+  :func:`lightning_struct.surgery.convert` the selected layers, re-create the optimizers and LR
   schedulers through ``trainer.strategy.setup_optimizers(trainer)`` (the same call the strategy
   makes at fit start; it runs ``configure_optimizers`` on the new parameters), scale the LRs by
   ``lr_scale`` and (default) fast-forward the new schedulers to the current epoch/step. Log the
@@ -29,7 +29,7 @@ main process receives rank 0's final weights through a *non-strict* ``load_state
 its own, unconverted copy of the model, which silently keeps the dense pre-conversion weights.
 Sharded strategies (FSDP, DeepSpeed) cannot be re-wrapped at all. So under any multi-process
 strategy this callback raises and points to the two-phase form
-(:func:`lightning_struct.convert.two_phase.fit_convert_finetune`, or a ``conversion:`` section in
+(:func:`lightning_struct.callbacks.two_phase.fit_convert_finetune`, or a ``conversion:`` section in
 ``lightning-struct train``), where the second ``fit`` wraps the already converted model.
 """
 
@@ -48,10 +48,18 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_struct._checks import check_choice, check_int
+from lightning_struct.callbacks._batches import take_batches, train_loader_of
 from lightning_struct.callbacks._log import log_scalars, log_table
-from lightning_struct.convert import ConversionReport, convert, get_spec, restore_structure
-from lightning_struct.convert.spec import SPEC_KEY
-from lightning_struct.convert.surgery import METHODS, _check_rules
+from lightning_struct.surgery import (
+    SPEC_KEY,
+    ConversionOptions,
+    ConversionReport,
+    convert,
+    get_spec,
+    restore_structure,
+    select_candidates,
+)
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +160,13 @@ class ConversionCheckpoint(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _remove_preload_hook(pl_module)
 
+    def _apply_lr_scale_at_fit_start(self) -> bool:
+        """Template method: whether ``lr_scale`` applies to the optimizers of ``fit`` start."""
+        return True
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.lr_scale is not None:
+        if self.lr_scale is not None and self._apply_lr_scale_at_fit_start():
             scale_learning_rates(trainer, self.lr_scale)
 
     @override
@@ -187,14 +199,14 @@ class StructuredConversion(ConversionCheckpoint):
         scheduler: ``"continue"`` (default): the new LR schedulers are stepped to the current
             epoch/step, so the schedule goes on where it was; ``"restart"``: they start afresh.
         include, exclude, types: layer selection (names relative to the LightningModule, e.g.
-            ``"net.features.*"``), as in :func:`~lightning_struct.convert.convert`.
+            ``"net.features.*"``), as in :func:`~lightning_struct.surgery.convert`.
         energy, ratio, rank, budget, budget_on, scheme: low-rank rank rule and scheme.
         calibration_batches: training batches used for FLOPs, errors and the ACDC fit.
         restart_checkpoint_ranking: at conversion, forget the best/top-k scores of every
             ``ModelCheckpoint`` that monitors a metric, so "best" means the best *converted*
             checkpoint (a dense epoch's score would otherwise win, and testing "best" would
             restore dense weights). The dense checkpoint files stay on disk.
-        **convert_kwargs: further :func:`~lightning_struct.convert.convert` arguments
+        **convert_kwargs: further :func:`~lightning_struct.surgery.convert` arguments
             (``acdc_factors``, ``acdc_steps``, ``acdc_lr`` ...).
 
     Raises:
@@ -224,48 +236,24 @@ class StructuredConversion(ConversionCheckpoint):
         **convert_kwargs: Any,
     ) -> None:
         super().__init__(lr_scale)
-        if method not in METHODS:
-            raise ValueError(f"StructuredConversion: method={method!r}; allowed: {list(METHODS)}")
-        _check_rules(method, energy, ratio, rank, budget, budget_on)
-        if isinstance(at_epoch, bool) or not isinstance(at_epoch, int) or at_epoch < 0:
-            raise ValueError(f"StructuredConversion: at_epoch={at_epoch!r} must be an int >= 0")
-        if scheduler not in ("continue", "restart"):
-            raise ValueError(f"StructuredConversion: scheduler={scheduler!r}; allowed: 'continue', 'restart'")
-        if (
-            isinstance(calibration_batches, bool)
-            or not isinstance(calibration_batches, int)
-            or calibration_batches < 1
-        ):
-            raise ValueError(
-                f"StructuredConversion: calibration_batches={calibration_batches!r} must be an int >= 1"
-            )
-        allowed = {
-            "acdc_factors",
-            "acdc_relu",
-            "acdc_permute",
-            "acdc_sigma",
-            "acdc_steps",
-            "acdc_lr",
-            "tied_staged",
-            "seed",
-            "input_size",
-        }
-        unknown = sorted(set(convert_kwargs) - allowed)
-        if unknown:
-            raise ValueError(
-                f"StructuredConversion: unknown argument(s) {unknown}; allowed extras: {sorted(allowed)}"
-            )
+        self.options = ConversionOptions.from_mapping(
+            dict(
+                method=method, include=include, exclude=exclude, types=types, energy=energy, ratio=ratio,
+                rank=rank, budget=budget, budget_on=budget_on, scheme=scheme,
+                calibration_batches=calibration_batches, **convert_kwargs,
+            ),  # fmt: skip
+            "StructuredConversion",
+        )
+        check_int(at_epoch, "at_epoch", "StructuredConversion", minimum=0)
+        check_choice(scheduler, "scheduler", ("continue", "restart"), "StructuredConversion")
+        check_int(calibration_batches, "calibration_batches", "StructuredConversion", minimum=1)
         self.method = method
         self.at_epoch = at_epoch
         self.scheduler = scheduler
         self.calibration_batches = calibration_batches
         self.restart_checkpoint_ranking = bool(restart_checkpoint_ranking)
-        self.convert_kwargs: dict[str, Any] = dict(
-            include=include, exclude=exclude, types=types, energy=energy, ratio=ratio, rank=rank,
-            budget=budget, budget_on=budget_on, scheme=scheme, **convert_kwargs,
-        )  # fmt: skip
         self.converted = False
-        self.report: ConversionReport | None = None
+        self.report: ConversionReport | None = None  # of this process's conversion (not checkpointed)
 
     @property
     def state_key(self) -> str:
@@ -283,9 +271,12 @@ class StructuredConversion(ConversionCheckpoint):
                 f"strategy {type(trainer.strategy).__name__} (world size {trainer.world_size}): DDP's reducer and "
                 f"sharded strategies are built on the parameters that exist when the model is wrapped, and under "
                 f"ddp_spawn the main process would silently keep the unconverted weights. Use the two-phase form: "
-                f"lightning_struct.convert.two_phase.fit_convert_finetune(...) or a `conversion:` section in "
+                f"lightning_struct.callbacks.two_phase.fit_convert_finetune(...) or a `conversion:` section in "
                 f"`lightning-struct train`, which converts between two fits."
             )
+        if not self.converted and not get_spec(pl_module):
+            # the whole selection is checked now, not after `at_epoch` dense epochs
+            select_candidates(pl_module, self.options)
         max_epochs = trainer.max_epochs
         if trainer.fast_dev_run:
             if self.at_epoch > 0:
@@ -300,8 +291,8 @@ class StructuredConversion(ConversionCheckpoint):
             )
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pass  # the LR scale applies to the optimizers created at conversion time
+    def _apply_lr_scale_at_fit_start(self) -> bool:
+        return False  # the LR scale applies to the optimizers created at conversion time
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -311,8 +302,8 @@ class StructuredConversion(ConversionCheckpoint):
 
     def convert_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ConversionReport:
         """Convert, re-create the optimizers and schedulers, log the report."""
-        batches = self._calibration(trainer)
-        report = convert(pl_module, self.method, calibration=batches, **self.convert_kwargs)
+        batches = take_batches(train_loader_of(trainer), self.calibration_batches)
+        report = convert(pl_module, self.options, calibration=batches or None)
         self.converted = True
         trainer.strategy.setup_optimizers(trainer)
         if self.lr_scale is not None:
@@ -324,23 +315,6 @@ class StructuredConversion(ConversionCheckpoint):
         self._log(trainer, report)
         return report
 
-    def _calibration(self, trainer: pl.Trainer) -> list[Any]:
-        loader = trainer.train_dataloader
-        if loader is None:
-            return []
-        if isinstance(loader, dict):
-            loader = next(iter(loader.values()))
-        elif isinstance(loader, (list, tuple)) and loader and not isinstance(loader[0], torch.Tensor):
-            loader = loader[0]
-        out = []
-        # the calibration draw must not shift the training run's random stream
-        with torch.random.fork_rng(devices=[]):
-            for i, batch in enumerate(loader):
-                if i >= self.calibration_batches:
-                    break
-                out.append(batch)
-        return out
-
     def _log(self, trainer: pl.Trainer, report: ConversionReport) -> None:
         rank_zero_info(f"StructuredConversion at epoch {trainer.current_epoch}:\n{report}")
         log_scalars(trainer, report.scalars())
@@ -349,10 +323,7 @@ class StructuredConversion(ConversionCheckpoint):
     # ---------------------------------------------------------------------------------- state
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "converted": self.converted,
-            "report": None if self.report is None else self.report.to_dict(),
-        }
+        return {"converted": self.converted}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -8,8 +8,8 @@ Trainer then wraps the *converted* model, so DDP's reducer, the optimizers and t
 are all built on the new parameters, and its checkpoints carry the conversion spec
 (:class:`~lightning_struct.callbacks.conversion.ConversionCheckpoint`).
 
-The ``lightning-struct train`` application calls :func:`fit_convert_finetune` when the config
-has a ``conversion:`` section (see ``conf/conversion/`` and ``recipes/wen2017/*_lowrank.yaml``).
+Usable from any script with any Trainer factory; the ``lightning-struct train`` application calls
+it (through :mod:`lightning_struct.app.two_phase`) when the config has a ``conversion:`` section.
 """
 
 from __future__ import annotations
@@ -24,26 +24,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_struct.convert.checkpoint import load_converted
-from lightning_struct.convert.report import ConversionReport
-from lightning_struct.convert.spec import get_spec
-from lightning_struct.convert.surgery import METHODS, _check_rules, convert
+from lightning_struct.callbacks._batches import take_batches, train_loader_of
+from lightning_struct.callbacks._log import log_scalars, log_table
+from lightning_struct.callbacks.conversion import ConversionCheckpoint
+from lightning_struct.surgery import ConversionOptions, ConversionReport, convert, get_spec, load_converted
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "CONVERSION_KEYS",
-    "PHASE_KEYS",
-    "TwoPhaseResult",
-    "fit_convert_finetune",
-    "fit_convert_finetune_from_config",
-]
-
-#: keys of a ``conversion:`` config section that are passed to :func:`convert`
-CONVERSION_KEYS = (
-    "method", "energy", "ratio", "rank", "budget", "budget_on", "include", "exclude", "types", "scheme",
-    "input_size", "acdc_factors", "acdc_relu", "acdc_permute", "acdc_sigma", "acdc_steps", "acdc_lr", "tied_staged", "seed",
-)  # fmt: skip
+__all__ = ["TwoPhaseResult", "fit_convert_finetune", "last_checkpoint"]
 
 TrainerFactory = Callable[[str, list[Callback]], pl.Trainer]
 
@@ -69,21 +57,6 @@ def _scalars(trainer: pl.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
 
 
-def _calibration(datamodule: pl.LightningDataModule | None, n: int) -> list[Any]:
-    if datamodule is None or n <= 0:
-        return []
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    loader = datamodule.train_dataloader()
-    out = []
-    with torch.random.fork_rng(devices=[]):
-        for i, batch in enumerate(loader):  # type: ignore[arg-type]
-            if i >= n:
-                break
-            out.append(batch)
-    return out
-
-
 def _check_same_structure_across_ranks(model: torch.nn.Module) -> None:
     """Under an initialised process group, every rank must have converted identically."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -104,7 +77,7 @@ def fit_convert_finetune(
     trainer_factory: TrainerFactory,
     model: pl.LightningModule,
     datamodule: pl.LightningDataModule | None = None,
-    conversion: Mapping[str, Any] | None = None,
+    conversion: ConversionOptions | Mapping[str, Any] | None = None,
     *,
     fit: bool = True,
     ckpt_path: str | None = None,
@@ -124,8 +97,8 @@ def fit_convert_finetune(
             fine-tuning Trainer, on the converted parameters).
         datamodule: the data; its first ``calibration_batches`` training batches calibrate the
             conversion (FLOPs, errors, ACDC fit).
-        conversion: :func:`convert` keyword arguments, ``method`` included (see
-            :data:`CONVERSION_KEYS`).
+        conversion: a :class:`~lightning_struct.surgery.ConversionOptions` or a mapping of its
+            keys, ``method`` included.
         fit: run the dense phase (``False``: convert the model as given / as loaded from
             ``init_ckpt``, e.g. a force-trained checkpoint).
         ckpt_path: resume the dense phase from this checkpoint.
@@ -139,25 +112,10 @@ def fit_convert_finetune(
     Returns:
         :class:`TwoPhaseResult`; ``model`` is converted and fine-tuned in place.
     """
-    from lightning_struct.callbacks.conversion import ConversionCheckpoint
-
-    conv = dict(conversion or {})
-    method = conv.pop("method", None)
-    if method not in METHODS:
-        raise ValueError(f"fit_convert_finetune: conversion.method={method!r}; allowed: {list(METHODS)}")
-    unknown = sorted(set(conv) - set(CONVERSION_KEYS))
-    if unknown:
-        raise ValueError(
-            f"fit_convert_finetune: unknown conversion key(s) {unknown}; allowed: {sorted(CONVERSION_KEYS)}"
-        )
-    _check_rules(
-        method,
-        conv.get("energy"),
-        conv.get("ratio"),
-        conv.get("rank"),
-        conv.get("budget"),
-        conv.get("budget_on", "params"),
-    )
+    if isinstance(conversion, ConversionOptions):
+        options = conversion
+    else:
+        options = ConversionOptions.from_mapping(dict(conversion or {}), "fit_convert_finetune")
 
     report: ConversionReport | None = None
     fit_trainer: pl.Trainer | None = None
@@ -170,14 +128,12 @@ def fit_convert_finetune(
             fit_trainer = trainer_factory("fit", [])
             fit_trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
             dense_metrics = _scalars(fit_trainer)
-        batches = _calibration(datamodule, calibration_batches)
-        report = convert(model, method, calibration=batches or None, **conv)
+        batches = take_batches(train_loader_of(None, datamodule), calibration_batches)
+        report = convert(model, options, calibration=batches or None)
         _check_same_structure_across_ranks(model)
         log.info("fit_convert_finetune: %s", report)
     finetune_trainer = trainer_factory("finetune", [ConversionCheckpoint(lr_scale=lr_scale)])
     if report is not None:
-        from lightning_struct.callbacks._log import log_scalars, log_table
-
         log_scalars(finetune_trainer, report.scalars(), step=0)
         log_table(finetune_trainer, "conversion/layers", ConversionReport.COLUMNS, report.rows(), step=0)
     finetune_trainer.fit(model, datamodule=datamodule, ckpt_path=finetune_ckpt_path)
@@ -192,102 +148,3 @@ def last_checkpoint(trainer: pl.Trainer) -> Path | None:
         if p:
             return Path(p)
     return None
-
-
-#: keys of the ``conversion:`` config section that steer the two phases (the rest go to convert)
-PHASE_KEYS = (
-    "fit",
-    "init_ckpt",
-    "finetune_epochs",
-    "lr_scale",
-    "calibration_batches",
-    "finetune_ckpt_path",
-    "finetune_drop_callbacks",
-)
-
-
-def fit_convert_finetune_from_config(
-    cfg: Any,
-    model: pl.LightningModule,
-    datamodule: pl.LightningDataModule | None,
-    dense_trainer: pl.Trainer,
-    loggers: list[Any],
-    build_callbacks: Callable[[Any], list[Callback]],
-) -> tuple[pl.Trainer, dict[str, float]]:
-    """The ``conversion:`` section of ``lightning-struct train``: fit, convert, fine-tune.
-
-    Args:
-        cfg: the composed run config (``cfg.conversion``, ``cfg.trainer``, ``cfg.callbacks``,
-            ``cfg.ckpt_path``).
-        model, datamodule: as instantiated by the app.
-        dense_trainer: the Trainer built from ``cfg.trainer`` (used for the dense phase).
-        loggers: shared by both phases (one W&B run / one CSV file for the whole experiment).
-        build_callbacks: instantiates a ``callbacks`` config (fresh objects for the second
-            phase, so a ``ModelCheckpoint`` does not carry the dense phase's best score).
-
-    The fine-tuning Trainer is ``cfg.trainer`` with ``max_epochs = conversion.finetune_epochs``;
-    its checkpoints go to ``<ModelCheckpoint dirpath>/finetune``. Callbacks named in
-    ``conversion.finetune_drop_callbacks`` (e.g. ``[force]``) are left out of the fine-tuning.
-
-    Returns:
-        The fine-tuning Trainer and extra metrics (``dense/<metric>`` of the dense phase and the
-        ``conversion/*`` totals).
-    """
-    from hydra.utils import instantiate
-    from omegaconf import DictConfig, OmegaConf
-
-    section = (
-        OmegaConf.to_container(cfg.conversion, resolve=True)
-        if isinstance(cfg.conversion, DictConfig)
-        else dict(cfg.conversion)
-    )
-    assert isinstance(section, dict)
-    unknown = sorted(set(section) - set(CONVERSION_KEYS) - set(PHASE_KEYS))
-    if unknown:
-        raise ValueError(
-            f"conversion: unknown key(s) {unknown}; allowed: {sorted(CONVERSION_KEYS + PHASE_KEYS)}"
-        )
-    conv = {k: v for k, v in section.items() if k in CONVERSION_KEYS and v is not None}
-    finetune_epochs = section.get("finetune_epochs")
-    if not isinstance(finetune_epochs, int) or finetune_epochs < 1:
-        raise ValueError(f"conversion.finetune_epochs={finetune_epochs!r} must be an int >= 1")
-    drop = set(section.get("finetune_drop_callbacks") or [])
-
-    def factory(phase: str, extra: list[Callback]) -> pl.Trainer:
-        if phase == "fit":
-            return dense_trainer
-        cb_cfg = OmegaConf.create(OmegaConf.to_container(cfg.get("callbacks") or {}, resolve=True))
-        for name in list(cb_cfg.keys()):
-            node = cb_cfg[name]
-            if name in drop:
-                del cb_cfg[name]
-            elif (
-                node is not None
-                and str(node.get("_target_", "")).endswith("ModelCheckpoint")
-                and node.get("dirpath")
-            ):
-                node.dirpath = str(Path(node.dirpath) / "finetune")
-        missing = drop - set(OmegaConf.to_container(cfg.get("callbacks") or {}).keys())  # type: ignore[union-attr]
-        if missing:
-            raise ValueError(f"conversion.finetune_drop_callbacks names unknown callbacks {sorted(missing)}")
-        callbacks = build_callbacks(cb_cfg) + list(extra)
-        return instantiate(
-            cfg.trainer, callbacks=callbacks, logger=loggers or False, max_epochs=finetune_epochs
-        )
-
-    result = fit_convert_finetune(
-        factory,
-        model,
-        datamodule,
-        {"method": section.get("method"), **conv},
-        fit=bool(section.get("fit", True)),
-        ckpt_path=cfg.get("ckpt_path"),
-        init_ckpt=section.get("init_ckpt"),
-        finetune_ckpt_path=section.get("finetune_ckpt_path"),
-        lr_scale=section.get("lr_scale"),
-        calibration_batches=int(section.get("calibration_batches") or 0),
-    )
-    extra = {f"dense/{k}": v for k, v in result.dense_metrics.items()}
-    if result.report is not None:
-        extra.update(result.report.scalars())
-    return result.finetune_trainer, extra

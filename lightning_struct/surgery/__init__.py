@@ -1,29 +1,35 @@
-"""Model surgery: convert trained layers to low-rank / ACDC / tied form, report, save and reload.
+"""Model surgery without a Trainer: convert layers to low-rank / ACDC / tied form, report, save, reload.
 
 * :func:`convert` - replace selected layers in place, returns a :class:`ConversionReport`.
+* :class:`ConversionOptions` - every conversion key, its default and its check (spelled once).
+* :func:`select_candidates` - which layers a conversion would touch (checked before training).
 * :func:`fold_back` - low-rank layers back to dense (exact).
 * :func:`load_converted` - rebuild the structure recorded in a checkpoint, then load weights.
 * :func:`restore_structure` - the same from ``LightningModule.on_load_checkpoint``.
 * :func:`save_converted` - a ``{"state_dict", spec}`` file for models converted outside Lightning.
 * :func:`get_spec` / :func:`apply_spec` - the conversion spec itself.
-* :func:`~lightning_struct.convert.two_phase.fit_convert_finetune` - fit, convert, fine-tune
-  with a fresh Trainer (the form that works under every strategy, DDP included).
+
+Inside: :mod:`.options`, :mod:`.probe` (calibration forward), :mod:`.costs`, one converter per
+method (:mod:`.lowrank`, :mod:`.acdc`, :mod:`.tied`), :mod:`.builders` (the table that rebuilds a
+spec), :mod:`.spec`, :mod:`.checkpoint`, :mod:`.report`. Nothing here imports Lightning or Hydra;
+the two-phase form (fit, convert, fit) is Lightning glue in :mod:`lightning_struct.callbacks.two_phase`.
 """
 
 from __future__ import annotations
 
-import sys
-import types
-from typing import Any
-
-from lightning_struct.convert.checkpoint import load_converted, restore_structure, save_converted
-from lightning_struct.convert.report import ConversionReport, LayerReport
-from lightning_struct.convert.spec import SPEC_KEY, apply_spec, get_spec
-from lightning_struct.convert.surgery import METHODS, calibration_inputs, convert, fold_back
+from lightning_struct.surgery.checkpoint import load_converted, restore_structure, save_converted
+from lightning_struct.surgery.conversion import CONVERTED_TYPES, convert, fold_back, select_candidates
+from lightning_struct.surgery.options import METHODS, OPTION_KEYS, ConversionOptions
+from lightning_struct.surgery.probe import calibration_inputs
+from lightning_struct.surgery.report import ConversionReport, LayerReport
+from lightning_struct.surgery.spec import SPEC_KEY, apply_spec, get_spec
 
 __all__ = [
+    "CONVERTED_TYPES",
     "METHODS",
+    "OPTION_KEYS",
     "SPEC_KEY",
+    "ConversionOptions",
     "ConversionReport",
     "LayerReport",
     "apply_spec",
@@ -34,20 +40,5 @@ __all__ = [
     "load_converted",
     "restore_structure",
     "save_converted",
+    "select_candidates",
 ]
-
-
-class _CallableModule(types.ModuleType):
-    """``lightning_struct.convert`` is both this package and the function :func:`convert`.
-
-    Importing a submodule (``lightning_struct.convert.two_phase``) binds the *package* to the
-    attribute ``lightning_struct.convert``, shadowing the lazily exported function; calling the
-    package forwards to :func:`convert`, so ``lightning_struct.convert(model, ...)`` and
-    ``from lightning_struct import convert`` work whatever was imported first.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> ConversionReport:
-        return convert(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

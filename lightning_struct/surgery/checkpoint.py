@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_struct.convert import spec as specmod
+from lightning_struct.surgery import spec as specmod
 
 __all__ = ["load_converted", "restore_structure", "save_converted"]
 
@@ -136,7 +136,7 @@ def load_converted(
     sd = {k[len(strip) :]: v for k, v in state_dict.items() if k.startswith(strip)}
     target.load_state_dict(sd, strict=strict)
     if fold:
-        from lightning_struct.convert.surgery import fold_back
+        from lightning_struct.surgery.conversion import fold_back
 
         fold_back(target)
     return model

@@ -40,7 +40,7 @@ class LayerReport:
 
 @dataclass
 class ConversionReport:
-    """Result of :func:`lightning_struct.convert.convert`.
+    """Result of :func:`lightning_struct.surgery.convert`.
 
     Attributes:
         method: ``"lowrank"``, ``"acdc"``, ``"tied"`` or ``"fold"``.

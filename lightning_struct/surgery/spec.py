@@ -20,10 +20,13 @@ model before the weights load. Only plain types are stored, so checkpoints keep 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
+
+from lightning_struct.nn.utils import set_submodule
+from lightning_struct.surgery.builders import BUILDERS, Builder
 
 #: top-level checkpoint key holding the spec
 SPEC_KEY = "lightning_struct_conversion"
@@ -32,7 +35,6 @@ SPEC_ATTR = "lightning_struct_conversion"
 SPEC_FORMAT = 1
 
 Entry = dict[str, Any]
-Builder = Callable[[nn.Module, Entry, nn.Module], nn.Module]
 
 __all__ = [
     "SPEC_ATTR",
@@ -47,29 +49,19 @@ __all__ = [
     "strip_prefix",
 ]
 
-_BUILDERS: dict[str, Builder] = {}
 #: entry fields holding layer names (prefixed / stripped together with ``name``)
 NAME_FIELDS = ("name", "share_with")
 
 
 def register_builder(kind: str, builder: Builder) -> None:
-    """Register how to rebuild an entry of ``kind`` from the dense module it replaced.
-
-    ``builder(old_module, entry, root)`` returns the new (structurally identical, untrained)
-    module; ``root`` is the model being rebuilt (for entries that share parameters with an
-    earlier entry). The weights arrive afterwards with ``load_state_dict``.
-    """
-    _BUILDERS[kind] = builder
+    """Add (or replace) how entries of ``kind`` are rebuilt; see :mod:`.builders`."""
+    BUILDERS[kind] = builder
 
 
 def _builder(kind: str) -> Builder:
-    if kind not in _BUILDERS:
-        # the built-in kinds register themselves on import of the surgery module
-        import lightning_struct.convert.surgery  # noqa: F401
-
-    if kind not in _BUILDERS:
-        raise ValueError(f"conversion spec: unknown layer kind {kind!r}; known: {sorted(_BUILDERS)}")
-    return _BUILDERS[kind]
+    if kind not in BUILDERS:
+        raise ValueError(f"conversion spec: unknown layer kind {kind!r}; known: {sorted(BUILDERS)}")
+    return BUILDERS[kind]
 
 
 def get_submodule(model: nn.Module, name: str) -> nn.Module:
@@ -87,11 +79,8 @@ def get_submodule(model: nn.Module, name: str) -> nn.Module:
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Put ``new`` at the dotted path ``name`` of ``model``; returns the old module."""
-    parent_name, _, child = name.rpartition(".")
-    parent = get_submodule(model, parent_name) if parent_name else model
-    old = getattr(parent, child)
-    setattr(parent, child, new)
-    return old
+    get_submodule(model, name)  # the spec-aware error when the path does not exist
+    return set_submodule(model, name, new)
 
 
 def record(module: nn.Module, entries: list[Entry]) -> None:

@@ -9,8 +9,8 @@ import torchvision
 from torch import nn
 
 from lightning_struct.bench.convert import fold_batchnorm_, synthetic_low_rank_
-from lightning_struct.convert import convert
 from lightning_struct.ops import factorize as fz
+from lightning_struct.surgery import convert
 
 
 def test_synthetic_spectrum_puts_95_percent_in_15_percent_of_the_rank():

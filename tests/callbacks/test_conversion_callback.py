@@ -15,12 +15,12 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_struct.callbacks.conversion import ConversionCheckpoint, StructuredConversion
-from lightning_struct.convert import SPEC_KEY, get_spec, load_converted
-from lightning_struct.convert.two_phase import fit_convert_finetune
+from lightning_struct.callbacks.two_phase import fit_convert_finetune
 from lightning_struct.data import DigitsDataModule
 from lightning_struct.models import ImageClassifier
 from lightning_struct.models.factories import digits_cnn
 from lightning_struct.nn import LowRankConv2d, LowRankLinear
+from lightning_struct.surgery import SPEC_KEY, get_spec, load_converted
 
 REPO = Path(__file__).resolve().parents[2]
 NET_KW = dict(image_size=8, widths=(8, 16, 16), hidden=32)
@@ -105,7 +105,7 @@ def test_single_device_convert_inside_fit_trains_the_factors_and_reloads(tmp_pat
     # a fresh process rebuilds the structure and reproduces the validation accuracy exactly
     script = f"""
 import json, torch, lightning.pytorch as pl
-from lightning_struct.convert import load_converted
+from lightning_struct.surgery import load_converted
 from lightning_struct.data import DigitsDataModule
 from lightning_struct.models import ImageClassifier
 from lightning_struct.models.factories import digits_cnn
@@ -158,8 +158,21 @@ def test_callback_argument_validation():
         StructuredConversion("lowrank", energy=0.9, lr_scale=0)
     with pytest.raises(ValueError, match="scheduler='keep'"):
         StructuredConversion("lowrank", energy=0.9, scheduler="keep")
-    with pytest.raises(ValueError, match="unknown argument"):
+    with pytest.raises(ValueError, match="unknown conversion key.*did you mean 'acdc_steps'"):
         StructuredConversion("lowrank", energy=0.9, acdc_stepz=3)
+
+
+def test_selection_is_checked_at_fit_start_not_at_the_conversion_epoch():
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, max_epochs=30)
+    typo = StructuredConversion("lowrank", at_epoch=20, energy=0.9, include="net.featurez.*")
+    with pytest.raises(ValueError, match="match no"):
+        typo.setup(trainer, _model(), "fit")
+    model = _model()
+    conv = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
+    acdc = StructuredConversion("acdc", at_epoch=20, include=[conv])
+    with pytest.raises(ValueError, match="ACDC replaces only"):
+        acdc.setup(trainer, model, "fit")
+    assert get_spec(model) is None  # nothing was converted by the check
 
 
 class _DumpWeights(Callback):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lightning_struct import ForceRegularization
-from lightning_struct.convert.two_phase import fit_convert_finetune
+from lightning_struct.callbacks.two_phase import fit_convert_finetune
 from lightning_struct.data import DigitsDataModule
 from lightning_struct.models import ImageClassifier
 from lightning_struct.models.factories import digits_cnn

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from lightning_struct import StructuredConversion
 from lightning_struct._resources import config_dir
-from lightning_struct.convert.two_phase import CONVERSION_KEYS, PHASE_KEYS
+from lightning_struct.app.two_phase import SECTION_KEYS
 from lightning_struct.models import ImageClassifier
 
 QUIET = ["callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false", "logger=none"]
@@ -36,7 +36,7 @@ def test_callback_config_matches_the_constructor() -> None:
 def test_conversion_group_files_compose_with_known_keys(name: str, tmp_path: Path) -> None:
     cfg = compose_cfg(["recipe=quickstart", f"+conversion={name}"], tmp_path)
     keys = set(cfg.conversion.keys())
-    assert keys <= set(CONVERSION_KEYS) | set(PHASE_KEYS), keys - set(CONVERSION_KEYS) - set(PHASE_KEYS)
+    assert keys <= set(SECTION_KEYS), keys - set(SECTION_KEYS)
     assert cfg.conversion.method == name
 
 

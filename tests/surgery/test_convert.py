@@ -8,7 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_struct.convert import (
+from lightning_struct.models import ImageClassifier
+from lightning_struct.models.factories import digits_cnn
+from lightning_struct.nn import LowRankConv2d, LowRankLinear
+from lightning_struct.ops import factorize as fz
+from lightning_struct.surgery import (
     SPEC_KEY,
     convert,
     fold_back,
@@ -16,10 +20,6 @@ from lightning_struct.convert import (
     load_converted,
     save_converted,
 )
-from lightning_struct.models import ImageClassifier
-from lightning_struct.models.factories import digits_cnn
-from lightning_struct.nn import LowRankConv2d, LowRankLinear
-from lightning_struct.ops import factorize as fz
 
 
 def _net(seed: int = 0) -> nn.Module:
@@ -414,12 +414,12 @@ def test_public_convert_is_callable_whatever_was_imported_first():
     import sys
 
     code = (
-        "import torch, lightning_struct.convert.two_phase\n"
+        "import torch, lightning_struct.surgery.conversion, lightning_struct.callbacks.two_phase\n"
         "from lightning_struct import convert\n"
         "import lightning_struct\n"
         "from lightning_struct.models.factories import digits_cnn\n"
         "r = convert(digits_cnn(image_size=8, widths=(8, 16, 16), hidden=32), 'lowrank', rank=2)\n"
-        "r2 = lightning_struct.convert.convert(digits_cnn(image_size=8), 'lowrank', rank=2)\n"
+        "r2 = lightning_struct.convert(digits_cnn(image_size=8), 'lowrank', rank=2)\n"
         "print(type(r).__name__, type(r2).__name__)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

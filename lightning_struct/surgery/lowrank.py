@@ -1,0 +1,163 @@
+"""Low-rank conversion: truncated SVD / HOSVD of each trained weight, one rank rule per call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_struct.nn.lowrank import LowRankConv2d, LowRankLinear, pick_rank
+from lightning_struct.ops import factorize as fz
+from lightning_struct.surgery._context import Context
+from lightning_struct.surgery.costs import dense_cost, lowrank_cost
+from lightning_struct.surgery.probe import rel_err
+
+__all__ = ["convert_lowrank"]
+
+
+@dataclass
+class _Plan:
+    name: str
+    module: nn.Module
+    scheme: str  # conv scheme or "svd" for linear
+    full: int | tuple[int, int]
+    spectrum: Any = None
+    rank: int | tuple[int, int] | None = None
+    reason: str = ""
+
+
+def _spectrum(module: nn.Module, scheme: str) -> Any:
+    w = module.weight.detach()  # type: ignore[union-attr]
+    if isinstance(module, nn.Conv2d):
+        return fz.conv_spectrum(w, scheme, module.groups)
+    return fz.singular_values(w).unsqueeze(0)
+
+
+def _full_rank(module: nn.Module, scheme: str) -> int | tuple[int, int]:
+    if isinstance(module, nn.Conv2d):
+        return fz.conv_full_rank(module.weight.shape, scheme, module.groups)
+    return min(module.weight.shape)  # type: ignore[union-attr]
+
+
+def _tucker_path(
+    full: tuple[int, int], spectrum: tuple[Tensor, Tensor]
+) -> tuple[list[tuple[int, int]], Tensor]:
+    """Rank pairs along a proportional path and a lower bound of their retained energy (HOSVD)."""
+    m = max(full)
+    j = torch.arange(1, m + 1, dtype=torch.float64)
+    ri = torch.ceil(j * full[0] / m).long().clamp(1, full[0])
+    ro = torch.ceil(j * full[1] / m).long().clamp(1, full[1])
+    e_in = fz.retained_energy(spectrum[0])
+    e_out = fz.retained_energy(spectrum[1])
+    value = (e_in[ri - 1] + e_out[ro - 1] - 1.0).clamp_min(1e-12)
+    return list(zip(ri.tolist(), ro.tolist())), value
+
+
+def _plan_budget(
+    plans: list[_Plan], budget: float, on: str, shapes: dict[str, tuple[int, ...]]
+) -> tuple[float, float]:
+    """Fill ``plan.rank`` for every layer by greedy allocation; returns (dense total, budget used)."""
+    costs, values, options, owners = [], [], [], []
+    fixed = 0.0
+    dense_total = 0.0
+    for i, p in enumerate(plans):
+        shape = shapes.get(p.name)
+        dense = dense_cost(p.module, shape, on)
+        if dense is None:
+            raise ValueError(
+                f"budget_on='flops' needs the input shape of layer {p.name!r}: pass `calibration` or "
+                f"`input_size` (the layer was not reached by the forward pass)"
+            )
+        dense_total += dense
+        if p.scheme == "tucker2":
+            ranks, value = _tucker_path(p.full, p.spectrum)  # type: ignore[arg-type]
+        else:
+            ranks = list(range(1, int(p.full) + 1))  # type: ignore[arg-type]
+            value = fz.retained_energy(p.spectrum)
+        cost = torch.tensor(
+            [float(lowrank_cost(p.module, p.scheme, r, shape, on)) for r in ranks],  # type: ignore[arg-type]
+            dtype=torch.float64,
+        )
+        cheaper = cost < dense
+        n_ok = int(cheaper.long().cumprod(0).sum())
+        if n_ok == 0:
+            p.reason = "kept dense: factorized cost not lower"
+            fixed += dense
+            continue
+        costs.append(cost[:n_ok])
+        values.append(value[:n_ok])
+        options.append(ranks[:n_ok])
+        owners.append(i)
+    target = budget * dense_total if budget <= 1.0 else float(budget)
+    choice = fz.allocate_budget(costs, values, target, fixed_cost=fixed)
+    for k, (idx, t) in enumerate(zip(owners, choice)):
+        plans[idx].rank = options[k][t]
+    return dense_total, target
+
+
+def _round_up(
+    rank: int | tuple[int, int], full: int | tuple[int, int], multiple: int
+) -> int | tuple[int, int]:
+    """Round a rank up to a multiple (hardware-friendly channel counts), capped at the full rank."""
+    if isinstance(rank, tuple):
+        assert isinstance(full, tuple)
+        return (
+            min(full[0], -(-rank[0] // multiple) * multiple),
+            min(full[1], -(-rank[1] // multiple) * multiple),
+        )
+    return min(int(full), -(-int(rank) // multiple) * multiple)  # type: ignore[arg-type]
+
+
+def convert_lowrank(ctx: Context) -> None:
+    """Plan a rank per candidate (rule or budget), factorize, fill ``ctx.rows``/``ctx.new_modules``."""
+    o = ctx.options
+    plans = []
+    for name, m in ctx.candidates:
+        sch = o.scheme if isinstance(m, nn.Conv2d) else "svd"
+        plans.append(_Plan(name, m, sch, _full_rank(m, sch)))
+    if o.energy is not None or o.budget is not None:
+        for p in plans:
+            p.spectrum = _spectrum(p.module, p.scheme)
+    cost_on = o.budget_on if o.budget is not None else "params"
+    if o.budget is not None:
+        _plan_budget(plans, o.budget, o.budget_on, ctx.probe.in_shapes)
+    else:
+        for p in plans:
+            r: Any = o.rank
+            if isinstance(p.module, nn.Linear) and isinstance(r, (tuple, list)):
+                r = int(min(r))
+            elif isinstance(r, list):
+                r = tuple(r)
+            p.rank = pick_rank(p.spectrum, p.full, rank=r, energy=o.energy, ratio=o.ratio)  # type: ignore[arg-type]
+            if p.scheme != "tucker2" and isinstance(p.rank, tuple):
+                p.rank = int(min(p.rank))
+            if o.rank_multiple > 1:
+                p.rank = _round_up(p.rank, p.full, o.rank_multiple)
+    for p in plans:
+        m = p.module
+        shape = ctx.probe.in_shapes.get(p.name)
+        row = ctx.dense_row(p.name, m)
+        if p.reason:
+            row.status = p.reason
+            continue
+        assert p.rank is not None
+        dense = dense_cost(m, shape, cost_on)
+        fact = lowrank_cost(m, p.scheme, p.rank, shape, cost_on)
+        if dense is not None and fact is not None and fact >= dense:
+            row.status = "kept dense: factorized cost not lower"
+            row.detail = {"rank": p.rank}
+            continue
+        if isinstance(m, nn.Conv2d):
+            new: nn.Module = LowRankConv2d.from_dense(m, rank=p.rank, scheme=p.scheme)
+        else:
+            new = LowRankLinear.from_dense(m, rank=int(p.rank))  # type: ignore[arg-type]
+        spec = new.spec()  # type: ignore[operator]
+        row.kind = spec["kind"]
+        row.detail = {"scheme": p.scheme, "rank": p.rank}
+        row.params_after = sum(q.numel() for q in new.parameters())
+        row.flops_after = lowrank_cost(m, p.scheme, p.rank, shape, "flops")
+        with torch.no_grad():
+            row.weight_rel_error = rel_err(new.dense_weight(), m.weight)  # type: ignore[operator]
+        ctx.new_modules.append((p.name, new, spec))
