@@ -49,13 +49,15 @@ def test_cli_multirun_two_values(tmp_path):
     res = run_cli(
         [
             "train", "-m", "seed=1,2", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-            "trainer.limit_val_batches=2", "test=false", "logger=csv", f"hydra.sweep.dir={tmp_path}/multi",
+            "trainer.limit_val_batches=2", "test=false", "logger=csv",
         ],
         cwd=tmp_path,
     )
+    # no hydra.sweep.dir override: the default sweep dir must resolve by itself (it once did not)
     assert res.returncode == 0, res.stderr[-3000:]
+    (multi,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
     for job in ("0", "1"):
-        assert (tmp_path / "multi" / job / "metrics.csv").is_file(), job
+        assert (multi / job / "metrics.csv").is_file(), job
     assert "#0 : seed=1" in res.stdout + res.stderr and "#1 : seed=2" in res.stdout + res.stderr
 
 

@@ -51,6 +51,7 @@ from typing_extensions import override
 from lightning_struct._checks import check_choice, check_int
 from lightning_struct.callbacks._batches import take_batches, train_loader_of
 from lightning_struct.callbacks._log import log_scalars, log_table
+from lightning_struct.callbacks._structure import announce_structure_change
 from lightning_struct.surgery import (
     SPEC_KEY,
     ConversionOptions,
@@ -305,6 +306,7 @@ class StructuredConversion(ConversionCheckpoint):
         batches = take_batches(train_loader_of(trainer), self.calibration_batches)
         report = convert(pl_module, self.options, calibration=batches or None)
         self.converted = True
+        announce_structure_change(trainer, pl_module, [e["name"] for e in report.spec])
         trainer.strategy.setup_optimizers(trainer)
         if self.lr_scale is not None:
             scale_learning_rates(trainer, self.lr_scale)

@@ -54,6 +54,7 @@ from typing_extensions import override
 from lightning_struct._checks import check_bool, check_choice, check_globs, check_int, check_number, is_int
 from lightning_struct.callbacks._batches import preserved_rng
 from lightning_struct.callbacks._log import log_scalars, log_table
+from lightning_struct.callbacks._structure import announce_structure_change
 from lightning_struct.nn.fftconv import FFTConvNd, fft_module_for, time_direct_vs_fft, unsupported_reason
 from lightning_struct.nn.utils import eval_mode, set_submodule
 from lightning_struct.select import select_layers
@@ -294,7 +295,7 @@ class FFTConvolution(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.revert_on_end:
-            self.revert(pl_module)
+            announce_structure_change(trainer, pl_module, self.revert(pl_module))
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -347,6 +348,7 @@ class FFTConvolution(Callback):
     # ------------------------------------------------------------------ deciding
     def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         t0 = time.perf_counter()
+        held = {name: id(m) for name, m in pl_module.named_modules()}
         if self._model is pl_module:
             self.revert(pl_module)  # decide from the direct layers
         self.swapped = []
@@ -360,6 +362,9 @@ class FFTConvolution(Callback):
                 decisions = self._measure(trainer, pl_module, stage, candidates)
             decisions = trainer.strategy.broadcast(decisions, src=0)
         self.apply(pl_module, decisions)
+        announce_structure_change(
+            trainer, pl_module, [d.layer for d in decisions if id(pl_module.get_submodule(d.layer)) != held.get(d.layer)]
+        )
         self.decisions = list(decisions)
         self.decision_seconds = time.perf_counter() - t0
         self._log(trainer, stage)

@@ -37,6 +37,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
@@ -373,6 +374,21 @@ class ForceRegularization(Callback):
             len(self.layers),
             ", ".join(layer.name for layer in self.layers),
         )
+
+    def on_structure_change(self, trainer: pl.Trainer, pl_module: pl.LightningModule, changed: list[str]) -> None:
+        """Policy after a conversion: regularize the layers still in the model, stop on the replaced ones.
+
+        The factors of a converted layer are not pulled together (their rank is already chosen);
+        the rank metrics go on over the remaining layers, and the dropped ones are named once.
+        """
+        alive = {id(m) for m in pl_module.modules()}
+        dropped = [layer.name for layer in self.layers if id(layer.module) not in alive]
+        self.layers = [layer for layer in self.layers if id(layer.module) in alive]
+        if dropped:
+            rank_zero_info(
+                f"ForceRegularization: {len(dropped)} replaced layer(s) no longer regularized "
+                f"({len(self.layers)} remain): {', '.join(dropped)}"
+            )
 
     def strength_at(self, step: int) -> float:
         """The strength applied at optimizer step ``step`` (0 once stopped)."""

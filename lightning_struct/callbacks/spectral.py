@@ -23,11 +23,13 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
 from lightning_struct._checks import check_bool, check_choice, check_globs, check_int, check_number
 from lightning_struct.callbacks._log import log_scalars, log_wandb, wandb_loggers
+from lightning_struct.nn.lowrank import LowRankConv2d, LowRankLinear
 from lightning_struct.ops.spectral import (
     CONV_TYPES,
     SPECTRUM_STATS,
@@ -38,6 +40,7 @@ from lightning_struct.ops.spectral import (
     model_spectra,
 )
 from lightning_struct.select import InputSizeRecorder, resolve_types, select_layers, weight_parameter
+from lightning_struct.surgery import CONVERTED_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +159,7 @@ class SpectralMonitor(Callback):
         self.layers: list[tuple[str, nn.Module]] = []
         self.input_sizes: dict[str, tuple[int, ...]] = {}
         self._recorder: InputSizeRecorder | None = None
+        self._warned_nonfinite: set[str] = set()
         # schedule state (saved in checkpoints): a step is logged / clipped at most once, also
         # when several batches share it (gradient accumulation) and across a resume
         self._last_step_logged = -1
@@ -172,25 +176,67 @@ class SpectralMonitor(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(include=self.include, exclude=self.exclude)
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.layers = select_layers(
+    def _select(self, pl_module: nn.Module, on_unsupported: str) -> list[tuple[str, nn.Module]]:
+        """The monitored layers: conv/linear layers and low-rank layers (as the operator they compute).
+
+        Layers inside a converted module (the factors of a low-rank layer, the parts of ACDC or
+        tied blocks) are not monitored on their own.
+        """
+        extra: list[type] = []
+        if any(issubclass(t, CONV_TYPES) for t in self.types):
+            extra.append(LowRankConv2d)
+        if any(issubclass(t, nn.Linear) for t in self.types):
+            extra.append(LowRankLinear)
+        chosen = select_layers(
             pl_module,
-            self.types,
+            (*self.types, *extra),
             self.include,
             self.exclude,
-            on_unsupported=self.on_unsupported,
-            supported=SUPPORTED_TYPES,
+            on_unsupported=on_unsupported,  # type: ignore[arg-type]
+            supported=(*SUPPORTED_TYPES, *extra),
             what=_WHERE,
         )
+        inside = [n for n, m in pl_module.named_modules() if n and isinstance(m, CONVERTED_TYPES)]
+        return [(n, m) for n, m in chosen if not any(n.startswith(c + ".") for c in inside)]
+
+    def _record_missing_sizes(self) -> None:
+        if self._recorder is not None:
+            self._recorder.detach()
+            self._recorder = None
+        for n, m in self.layers:
+            if isinstance(m, (nn.Linear, LowRankLinear)):
+                self.input_sizes[n] = ()
+        missing = [(n, m) for n, m in self.layers if n not in self.input_sizes]
+        if missing:
+            self._recorder = InputSizeRecorder(missing).attach()
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.layers = self._select(pl_module, self.on_unsupported)
         if not self.layers:
             log.warning("SpectralMonitor: no layer of %s selected; nothing will be logged", [t.__name__ for t in self.types])
-        missing = [(n, m) for n, m in self.layers if n not in self.input_sizes and isinstance(m, CONV_TYPES)]
-        for n, m in self.layers:
-            if isinstance(m, nn.Linear):
-                self.input_sizes[n] = ()
-        if missing and self._recorder is None:
-            self._recorder = InputSizeRecorder(missing).attach()
+        if self._recorder is None:
+            self._record_missing_sizes()
+
+    def on_structure_change(self, trainer: pl.Trainer, pl_module: pl.LightningModule, changed: list[str]) -> None:
+        """Follow a conversion / FFT swap: monitor the modules now in the model, not the dead ones.
+
+        A low-rank layer is monitored as the operator it computes (its exact dense equivalent);
+        ACDC and tied layers are not convolutions of one kernel: they are named once and dropped.
+        """
+        before = {n for n, _ in self.layers}
+        self.layers = self._select(pl_module, "skip")
+        now = {n for n, _ in self.layers}
+        dropped = sorted(n for n in changed if n in before and n not in now)
+        if dropped:
+            rank_zero_info(
+                f"SpectralMonitor: {len(dropped)} converted layer(s) are no longer monitored (not a single "
+                f"conv/linear operator): {', '.join(dropped)}"
+            )
+        for name in list(self.last_stats):
+            if name not in now:
+                del self.last_stats[name]
+        self._record_missing_sizes()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -256,11 +302,16 @@ class SpectralMonitor(Callback):
             param.copy_(new.to(param.dtype))
 
     def _spectra(self, full: bool) -> dict[str, LayerSpectrum]:
+        # a low-rank layer is the conv / linear operator its factors compose to (exact)
+        operators = [
+            (n, m.to_dense() if isinstance(m, (LowRankConv2d, LowRankLinear)) else m) for n, m in self.layers
+        ]
         spectra = model_spectra(
-            self.layers, self.input_sizes, stats="full" if full else "norm", method=self.method, dtype=self.dtype
+            operators, self.input_sizes, stats="full" if full else "norm", method=self.method, dtype=self.dtype
         )
         for name, layer in spectra.items():
-            if not layer.finite:
+            if not layer.finite and name not in self._warned_nonfinite:
+                self._warned_nonfinite.add(name)
                 log.warning("SpectralMonitor: layer %r has NaN/inf weights; its statistics are logged as NaN", name)
         return spectra
 

@@ -20,39 +20,31 @@ __all__ = ["BUILDERS", "Builder"]
 Builder = Callable[[nn.Module, dict[str, Any], nn.Module], nn.Module]
 
 
-def _build_lowrank_conv(old: nn.Module, entry: dict[str, Any], root: nn.Module | None = None) -> nn.Module:
-    if not isinstance(old, nn.Conv2d):
+def _lowrank(kind: str, dense: type[nn.Module], cls: type[nn.Module]) -> Builder:
+    """Builder of a low-rank entry: an untrained ``cls.from_spec(entry)`` where a ``dense`` layer was."""
+
+    def build(old: nn.Module, entry: dict[str, Any], root: nn.Module | None = None) -> nn.Module:
+        if not isinstance(old, dense):
+            raise ValueError(
+                f"spec entry {entry['name']!r} ({kind}) expects an nn.{dense.__name__}, found {type(old).__name__}"
+            )
+        w = old.weight
+        return cls.from_spec(entry).to(device=w.device, dtype=w.dtype)  # type: ignore[attr-defined]
+
+    return build
+
+
+def _fold(kind: str, lowrank: type[nn.Module]) -> Builder:
+    """Builder of a fold-back entry: the dense layer that the low-rank one computes."""
+
+    def build(old: nn.Module, entry: dict[str, Any], root: nn.Module | None = None) -> nn.Module:
+        if isinstance(old, lowrank):
+            return old.to_dense()  # type: ignore[operator]
         raise ValueError(
-            f"spec entry {entry['name']!r} (lowrank_conv2d) expects an nn.Conv2d, found {type(old).__name__}"
+            f"spec entry {entry['name']!r} ({kind}) expects a {lowrank.__name__}, found {type(old).__name__}"
         )
-    w = old.weight
-    return LowRankConv2d.from_spec(entry).to(device=w.device, dtype=w.dtype)
 
-
-def _build_lowrank_linear(old: nn.Module, entry: dict[str, Any], root: nn.Module | None = None) -> nn.Module:
-    if not isinstance(old, nn.Linear):
-        raise ValueError(
-            f"spec entry {entry['name']!r} (lowrank_linear) expects an nn.Linear, found {type(old).__name__}"
-        )
-    w = old.weight
-    return LowRankLinear.from_spec(entry).to(device=w.device, dtype=w.dtype)
-
-
-def _build_dense_conv(old: nn.Module, entry: dict[str, Any], root: nn.Module | None = None) -> nn.Module:
-    """A folded-back low-rank conv: rebuild the dense conv from the low-rank module's geometry."""
-    if isinstance(old, LowRankConv2d):
-        return old.to_dense()
-    raise ValueError(
-        f"spec entry {entry['name']!r} (fold) expects a LowRank layer, found {type(old).__name__}"
-    )
-
-
-def _build_dense_linear(old: nn.Module, entry: dict[str, Any], root: nn.Module | None = None) -> nn.Module:
-    if isinstance(old, LowRankLinear):
-        return old.to_dense()
-    raise ValueError(
-        f"spec entry {entry['name']!r} (fold) expects a LowRankLinear, found {type(old).__name__}"
-    )
+    return build
 
 
 def _acdc_kwargs(entry: dict[str, Any]) -> dict[str, Any]:
@@ -92,10 +84,10 @@ def _build_tied_mlp(old: nn.Module, entry: dict[str, Any], root: nn.Module | Non
 
 
 BUILDERS: dict[str, Builder] = {
-    "lowrank_conv2d": _build_lowrank_conv,
-    "lowrank_linear": _build_lowrank_linear,
-    "fold_conv2d": _build_dense_conv,
-    "fold_linear": _build_dense_linear,
+    "lowrank_conv2d": _lowrank("lowrank_conv2d", nn.Conv2d, LowRankConv2d),
+    "lowrank_linear": _lowrank("lowrank_linear", nn.Linear, LowRankLinear),
+    "fold_conv2d": _fold("fold_conv2d", LowRankConv2d),
+    "fold_linear": _fold("fold_linear", LowRankLinear),
     "acdc_linear": _build_acdc_linear,
     "acdc_conv1x1": _build_acdc_conv,
     "tied_bottleneck": _build_tied_bottleneck,

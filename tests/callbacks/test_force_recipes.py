@@ -235,16 +235,16 @@ def test_optuna_two_trials_fast_dev_run(tmp_path: Path) -> None:
             "recipe=wen2017/digits_force",
             "hydra.sweeper.n_trials=2",
             "trainer.fast_dev_run=true",
-            f"hydra.sweep.dir={tmp_path}/sweep",
             *QUIET,
         ],
         cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    (sweep,) = (tmp_path / "logs").glob("*/multiruns/*")
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(results["best_params"]) == {"callbacks.force.strength", "callbacks.force.kind"}
     assert 0.0 <= results["best_value"] <= 1.0
-    assert (tmp_path / "sweep" / "0").is_dir() and (tmp_path / "sweep" / "1").is_dir()
+    assert (sweep / "0").is_dir() and (sweep / "1").is_dir()
 
 
 def test_wandb_sweep_yaml(tmp_path: Path) -> None:
