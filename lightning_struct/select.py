@@ -10,7 +10,7 @@ Every callback that acts on layers takes the same three knobs:
 A name that the user wrote *without* wildcards is a promise: if it names a layer whose type
 is not supported, :func:`select_layers` raises (or, with ``on_unsupported="skip"``, warns and
 skips it). An ``include`` glob that matches no supported layer raises too, so a typo never
-silently selects nothing.
+silently selects nothing, and so does an ``exclude`` glob that matches no layer at all.
 
 The module also finds the *trainable* tensor behind ``module.weight`` when the weight is
 re-computed by ``torch.nn.utils.prune`` (``weight_orig``) or by a parametrization
@@ -143,6 +143,13 @@ def select_layers(
             continue
         selected.append((name, module))
 
+    typos = [p for p in exc if not any(fnmatch.fnmatchcase(n, p) for n in by_name)]
+    if typos:
+        shown = ", ".join(list(by_name)[:12]) + (" ..." if len(by_name) > 12 else "")
+        raise ValueError(
+            f"{what}: exclude pattern(s) {typos} match no layer of {type(model).__name__} (a typo would "
+            f"silently exclude nothing); layers: [{shown}]"
+        )
     unmatched = [p for p, count in matched.items() if count == 0 and not (p in by_name and on_unsupported == "skip")]
     if unmatched:
         candidates = [n for n, m in modules if isinstance(m, types)]

@@ -163,7 +163,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     _check_required(cfg)
     # Lightning prints through its own console handler; do not print every line twice via Hydra's root handler
-    logging.getLogger("lightning.pytorch").propagate = False
+    for name in ("lightning.pytorch", "lightning.fabric"):  # e.g. "Seed set to 42" once, not twice
+        logging.getLogger(name).propagate = False
     if cfg.get("seed") is not None:
         pl.seed_everything(int(cfg.seed), workers=True)
     if cfg.get("logger") and "wandb" in cfg.logger:

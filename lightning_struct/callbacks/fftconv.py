@@ -171,6 +171,7 @@ class FFTConvolution(Callback):
     def __init__(
         self,
         policy: str | Sequence[str] = "auto",
+        *,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         margin: float = 1.1,

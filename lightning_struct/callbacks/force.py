@@ -251,6 +251,7 @@ class ForceRegularization(Callback):
         self,
         strength: StrengthSpec,
         kind: str = "l2",
+        *,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         types: Sequence[type | str] | type | str | None = None,

@@ -114,6 +114,7 @@ class SpectralMonitor(Callback):
         every_n_steps: int | None = 200,
         step_stats: Literal["full", "norm"] = "full",
         full_every_n_epochs: int | None = 1,
+        *,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         types: Sequence[type | str] | None = None,
