@@ -86,6 +86,17 @@ def test_missing_data_root_fails_before_training(tmp_path):
         train(cfg)
 
 
+def test_missing_ckpt_path_fails_before_anything_is_built(tmp_path, monkeypatch):
+    import lightning_struct.app.train as app_train
+
+    cfg = compose_cfg(["recipe=quickstart", "logger=none", f"ckpt_path={tmp_path}/nope.ckpt"], tmp_path)
+    built = []
+    monkeypatch.setattr(app_train, "_instantiate_group", lambda *a, **k: built.append(a) or [])
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=.*nope\.ckpt.*no such checkpoint"):
+        app_train.train(cfg)
+    assert not built
+
+
 def test_nonexistent_and_empty_data_root(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ImageFolderDataModule(tmp_path / "nope")

@@ -162,6 +162,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from lightning.pytorch.loggers import WandbLogger
 
     _check_required(cfg)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(str(ckpt_path)).is_file():
+        # before the data and model are built: a typo must not cost the set-up time
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such checkpoint file (give a path to a .ckpt, e.g. <run>/checkpoints/last.ckpt)")
     # Lightning prints through its own console handler; do not print every line twice via Hydra's root handler
     for name in ("lightning.pytorch", "lightning.fabric"):  # e.g. "Seed set to 42" once, not twice
         logging.getLogger(name).propagate = False

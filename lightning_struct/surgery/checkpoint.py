@@ -11,6 +11,7 @@ child to load into by matching the checkpoint's keys against the model's, or tak
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,13 @@ def _load(
     path = Path(path_or_checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"load_converted: checkpoint {str(path)!r} does not exist")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (UnicodeDecodeError, EOFError, OSError, pickle.UnpicklingError, RuntimeError, ValueError) as err:
+        raise ValueError(
+            f"load_converted: {str(path)!r} is not a readable checkpoint (corrupted or truncated file?): "
+            f"{type(err).__name__}: {str(err)[:200]}"
+        ) from err
     if not isinstance(ckpt, Mapping):
         raise ValueError(
             f"load_converted: {str(path)!r} holds a {type(ckpt).__name__}, not a checkpoint dict"

@@ -425,3 +425,16 @@ def test_public_convert_is_callable_whatever_was_imported_first():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ConversionReport ConversionReport"
+
+
+def test_corrupted_or_truncated_checkpoint_names_the_file(tmp_path):
+    path = save_converted(_net(), tmp_path / "m.pt")
+    data = bytearray(path.read_bytes())
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ValueError, match=r"truncated\.pt.*not a readable checkpoint"):
+        load_converted(bad, _net())
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x9a" * 64)
+    with pytest.raises(ValueError, match=r"garbage\.ckpt.*not a readable checkpoint"):
+        load_converted(garbage, _net())
