@@ -78,6 +78,15 @@ def test_cli_unknown_recipe_fails_clearly(tmp_path):
     assert "recipe/no_such_recipe" in err and "quickstart" in err  # lists what exists
 
 
+def test_misspelt_recipe_lists_nested_recipes_with_a_close_match():
+    from lightning_struct.app.train import _unknown_recipe
+
+    msg = _unknown_recipe(["recipe=quickstrat"])
+    assert msg is not None and "Did you mean 'quickstart'" in msg and "wen2017/resnet50_force" in msg
+    assert "'wen2017/digits_force'" in (_unknown_recipe(["recipe=wen2017/digit_force"]) or "")
+    assert _unknown_recipe(["recipe=quickstart", "seed=1"]) is None
+
+
 def test_missing_data_root_fails_before_training(tmp_path):
     from lightning_struct.app.train import train
 

@@ -274,7 +274,7 @@ def _metric_for_sweeper(cfg: DictConfig, metrics: dict[str, float]) -> float | N
     return metrics[name]
 
 
-register_recipes()
+RECIPES: list[str] = register_recipes()
 
 import hydra  # noqa: E402  (after the recipes are registered)
 
@@ -286,9 +286,30 @@ def hydra_app(cfg: DictConfig) -> float | None:
     return _metric_for_sweeper(cfg, metrics)
 
 
+def _unknown_recipe(args: Sequence[str]) -> str | None:
+    """A message for ``recipe=NAME`` naming no recipe (with close matches and every nested name)."""
+    import difflib
+
+    for a in args:
+        key, sep, value = a.lstrip("+~").partition("=")
+        if key != "recipe" or not sep or not value or value == "null" or "," in value or value in RECIPES:
+            continue
+        close = difflib.get_close_matches(value, RECIPES, n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        return (
+            f"lightning-struct train: unknown recipe {value!r} (Hydra group option recipe/{value}).{hint}\n"
+            f"Available recipes: {', '.join(RECIPES)}"
+        )
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry (``lightning-struct train ...``): Hydra parses ``argv`` itself."""
     args = list(sys.argv[1:] if argv is None else argv)
+    bad = _unknown_recipe(args)
+    if bad is not None:
+        print(bad, file=sys.stderr)
+        return 2
     saved = sys.argv
     sys.argv = ["lightning-struct-train", *args]
     try:
