@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -34,13 +34,18 @@ def preserved_rng() -> Iterator[None]:
             np.random.set_state(npy)
 
 
-def first_loader(loaders: Any) -> Any:
-    """The first loader of a Lightning train-dataloader value (a loader, a dict or list of loaders)."""
-    if isinstance(loaders, dict):
-        return next(iter(loaders.values()), None)
-    if isinstance(loaders, (list, tuple)) and loaders and not isinstance(loaders[0], torch.Tensor):
-        return loaders[0]
-    return loaders
+def first_loader(loaders: Any, kind: type = object) -> Any:
+    """The first loader (an instance of ``kind``) in a Lightning dataloader value: a loader, or
+    dicts / lists / tuples of them, searched depth first; ``None`` when there is none."""
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)) and not (loaders and isinstance(loaders[0], torch.Tensor)):
+        for item in loaders:
+            found = first_loader(item, kind)
+            if found is not None:
+                return found
+        return None
+    return loaders if isinstance(loaders, kind) else None
 
 
 def take_batches(loader: Any, n: int) -> list[Any]:

@@ -248,13 +248,21 @@ class StructuredConversion(ConversionCheckpoint):
         check_int(at_epoch, "at_epoch", "StructuredConversion", minimum=0)
         check_choice(scheduler, "scheduler", ("continue", "restart"), "StructuredConversion")
         check_int(calibration_batches, "calibration_batches", "StructuredConversion", minimum=1)
-        self.method = method
         self.at_epoch = at_epoch
         self.scheduler = scheduler
-        self.calibration_batches = calibration_batches
         self.restart_checkpoint_ranking = bool(restart_checkpoint_ranking)
         self.converted = False
         self.report: ConversionReport | None = None  # of this process's conversion (not checkpointed)
+
+    @property
+    def method(self) -> str:
+        """The conversion method (``self.options.method``)."""
+        return self.options.method
+
+    @property
+    def calibration_batches(self) -> int:
+        """Training batches taken for calibration (``self.options.calibration_batches``)."""
+        return int(self.options.calibration_batches)  # type: ignore[arg-type]
 
     @property
     def state_key(self) -> str:

@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate
 from typing_extensions import override
 
 from lightning_struct._checks import check_bool, check_choice, check_globs, check_int, check_number, is_int
-from lightning_struct.callbacks._batches import preserved_rng
+from lightning_struct.callbacks._batches import first_loader, preserved_rng
 from lightning_struct.callbacks._log import log_scalars, log_table
 from lightning_struct.callbacks._structure import announce_structure_change
 from lightning_struct.nn.fftconv import FFTConvNd, fft_module_for, time_direct_vs_fft, unsupported_reason
@@ -89,19 +89,6 @@ class FFTDecision:
     def speedup(self) -> float:
         """``direct_ms / fft_ms`` (``nan`` when not timed)."""
         return self.direct_ms / self.fft_ms if self.fft_ms > 0 else math.nan
-
-
-def _first_dataloader(obj: Any) -> DataLoader | None:
-    if isinstance(obj, DataLoader):
-        return obj
-    if isinstance(obj, Mapping):
-        obj = list(obj.values())
-    if isinstance(obj, (list, tuple)):
-        for item in obj:
-            found = _first_dataloader(item)
-            if found is not None:
-                return found
-    return None
 
 
 def _first_batch(loader: DataLoader) -> Any:
@@ -463,7 +450,7 @@ class FFTConvolution(Callback):
             "test": lambda: trainer.test_dataloaders,
             "predict": lambda: trainer.predict_dataloaders,
         }[stage]()
-        loader = _first_dataloader(source)
+        loader = first_loader(source, DataLoader)
         if loader is not None:
             with preserved_rng():
                 batch = _first_batch(loader)
