@@ -6,6 +6,7 @@ Public API (imported lazily, so ``import lightning_struct`` stays cheap):
 * :class:`SpectralMonitor` - exact conv spectra by Local Fourier Analysis
 * :class:`StructuredConversion` - low-rank / ACDC / tied conversion, then fine-tune
 * :class:`FFTConvolution` - per-layer autotuned FFT convolution
+* :class:`Resumable`, :class:`ResumableLoader` - graceful Ctrl+C / SIGTERM and exact mid-epoch resume
 * :func:`convert`, :func:`load_converted`, :func:`fold_back`, :func:`save_converted`,
   :func:`restore_structure`, :class:`ConversionOptions` - model surgery outside a Trainer
 * :func:`fit_convert_finetune` - fit, convert, fine-tune with a fresh Trainer (every strategy)
@@ -24,6 +25,8 @@ _EXPORTS: dict[str, str] = {
     "SpectralMonitor": "lightning_struct.callbacks.spectral",
     "StructuredConversion": "lightning_struct.callbacks.conversion",
     "FFTConvolution": "lightning_struct.callbacks.fftconv",
+    "Resumable": "lightning_struct.callbacks.resume",
+    "ResumableLoader": "lightning_struct.data.loader",
     "convert": "lightning_struct.surgery",
     "load_converted": "lightning_struct.surgery",
     "fold_back": "lightning_struct.surgery",
@@ -43,6 +46,8 @@ __all__ = [
     "ForceRegularization",
     "ImageClassifier",
     "ImageFolderDataModule",
+    "Resumable",
+    "ResumableLoader",
     "SpectralMonitor",
     "StructuredConversion",
     "__version__",
@@ -58,9 +63,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightning_struct.callbacks.conversion import StructuredConversion
     from lightning_struct.callbacks.fftconv import FFTConvolution
     from lightning_struct.callbacks.force import ForceRegularization
+    from lightning_struct.callbacks.resume import Resumable
     from lightning_struct.callbacks.spectral import SpectralMonitor
     from lightning_struct.callbacks.two_phase import fit_convert_finetune
     from lightning_struct.data import DigitsDataModule, ImageFolderDataModule
+    from lightning_struct.data.loader import ResumableLoader
     from lightning_struct.models import ImageClassifier
     from lightning_struct.surgery import (
         ConversionOptions,

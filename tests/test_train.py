@@ -121,7 +121,7 @@ def test_wrong_num_classes_vs_dataset(tmp_path):
     with pytest.raises(ValueError, match=r"model.num_classes=5 .* 10 classes"):
         run_train(["logger=none", "model.num_classes=5", "trainer.fast_dev_run=true", *QUIET], tmp_path)
     root = make_image_folder(tmp_path / "imgs", n_classes=3, per_class=2, size=16)
-    with pytest.raises(ValueError, match="data.num_classes=4"):
+    with pytest.raises(ValueError, match=r"3 class folders but the model expects 4 classes: pass model.num_classes=3"):
         ImageFolderDataModule(root, num_classes=4)
 
 
@@ -206,3 +206,65 @@ def test_checkpoint_rebuilds_net_from_run_config(tmp_path):
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="run_config"):
         load_classifier({"state_dict": {}, "hyper_parameters": {}})
+
+
+@pytest.mark.slow
+def test_cli_sigterm_then_resume_into_the_same_run(tmp_path):
+    """SIGTERM mid-fit: exit 143, a resume command; that command continues the same run dir, CSV and W&B id."""
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "lightning-struct"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    # more epochs than the signal lets it run; nothing else differs from the README's quickstart
+    args = ["train", "recipe=quickstart", "trainer.max_epochs=200", "logger=[csv,wandb]"]
+    proc = subprocess.Popen([str(exe), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(tmp_path.glob("logs/quickstart/runs/*/checkpoints/last.ckpt")):
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    run = next(tmp_path.glob("logs/quickstart/runs/*"))
+    resume = [line for line in err.splitlines() if line.startswith("resume with: ")]
+    assert resume, err[-3000:]
+    cmd = shlex.split(resume[0].removeprefix("resume with: "))
+    assert cmd[:2] == ["lightning-struct", "train"] and cmd[-1] == f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    stopped = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    rows_before = len(_read_csv(run / "metrics.csv"))
+    wandb_ids = {p.name.split("-")[-1] for p in (run / "wandb").glob("offline-run-*")}
+
+    # the printed command, with a smaller epoch budget so it ends soon
+    done = run_cli([*cmd[1:], f"trainer.max_epochs={stopped['epoch'] + 2}"], tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name for p in tmp_path.glob("logs/quickstart/runs/*")] == [run.name], "resumed into the same run dir"
+    rows = _read_csv(run / "metrics.csv")
+    assert len(rows) > rows_before and any(r.get("test/acc") for r in rows) and any(r.get("train/acc") for r in rows)
+    assert {p.name.split("-")[-1] for p in (run / "wandb").glob("offline-run-*")} == wandb_ids, "same W&B run id"
+    assert "best_model_score will not be reloaded" not in done.stderr + done.stdout
+
+
+@pytest.mark.slow
+def test_ddp_sim_csv_keeps_train_and_test_metrics(tmp_path):
+    run_train(["recipe=quickstart", "trainer=ddp_sim", "logger=csv", "trainer.max_epochs=1", *QUIET], tmp_path)
+    rows = _read_csv(tmp_path / "metrics.csv")
+    header = set(rows[0])
+    assert {"train/acc", "val/acc", "test/acc", "lr-Adam"} <= header
+    assert any(r["train/acc"] for r in rows) and any(r["test/acc"] for r in rows)
+
+
+def test_csv_logger_widens_the_file_written_by_another_writer(tmp_path):
+    from lightning_struct.loggers import CSVLogger
+
+    a = CSVLogger(tmp_path, name="", version="")
+    a.log_metrics({"train/loss": 1.0}, step=0)
+    a.save()
+    b = CSVLogger(tmp_path, name="", version="")  # another process (ddp_spawn's test stage) or a resume
+    b.log_metrics({"test/acc": 0.5}, step=1)
+    b.save()
+    rows = _read_csv(tmp_path / "metrics.csv")
+    assert [r["train/loss"] for r in rows] == ["1.0", ""] and [r["test/acc"] for r in rows] == ["", "0.5"]

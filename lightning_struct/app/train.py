@@ -17,6 +17,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_struct._resources import config_dir, recipes_dir
+from lightning_struct.app.resume import (
+    register_resolvers,
+    resume_command,
+    run_dir_of_checkpoint,
+    wandb_run_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +156,37 @@ def _check_required(cfg: DictConfig) -> None:
         raise ValueError(f"missing required config value(s) {missing}: pass {shown}")
 
 
+class _DropTips(logging.Filter):
+    """Lightning's advertisement lines ("Tip: ... try installing ...") are not about this run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+def _one_log_path() -> None:
+    """Every Lightning message printed once, and also written to the run's log file.
+
+    Under Hydra the root logger has a console and a file handler; Lightning adds a console handler
+    of its own when it is imported first, and each line then shows twice. Lightning's own handlers
+    are removed when the root logger has handlers, so its lines go through Hydra's (once, and
+    into ``<run>/<task_name>.log``). Lightning's deprecation note on ``LeafSpec`` (its code, not
+    the user's) is silenced.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                lg.removeHandler(h)
+        lg.propagate = True
+        lg.addFilter(_DropTips())
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Instantiate data, model, callbacks, loggers and trainer from ``cfg``; fit and test.
 
@@ -166,13 +203,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(str(ckpt_path)).is_file():
         # before the data and model are built: a typo must not cost the set-up time
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such checkpoint file (give a path to a .ckpt, e.g. <run>/checkpoints/last.ckpt)")
-    # Lightning prints through its own console handler; do not print every line twice via Hydra's root handler
-    for name in ("lightning.pytorch", "lightning.fabric"):  # e.g. "Seed set to 42" once, not twice
-        logging.getLogger(name).propagate = False
+    _one_log_path()
     if cfg.get("seed") is not None:
         pl.seed_everything(int(cfg.seed), workers=True)
-    if cfg.get("logger") and "wandb" in cfg.logger:
-        configure_wandb_mode()
+    if cfg.get("logger") and cfg.logger.get("wandb"):
+        mode = configure_wandb_mode()
+        if mode in ("offline", "dryrun", "disabled"):  # the logged config says what really happened
+            from omegaconf import open_dict
+
+            with open_dict(cfg):
+                cfg.logger.wandb.offline = True
+
+    _reattach_wandb(cfg, ckpt_path)
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
@@ -195,6 +237,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         model.run_config = hparams
     for lg in loggers:
         lg.log_hyperparams(hparams)
+    # the whole resolved config is logged above; Lightning's own logging of the module's and the
+    # datamodule's init arguments would add them again as top-level duplicates (batch_size, ...)
+    for obj in (model, datamodule):
+        if hasattr(obj, "_log_hyperparams"):
+            obj._log_hyperparams = False
 
     metrics: dict[str, float] = {}
     try:
@@ -208,7 +255,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 )
                 metrics.update(extra)
             else:
-                trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+                try:
+                    trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+                except SystemExit:  # Lightning's answer to SIGTERM (exit 0) and Ctrl+C (exit 1)
+                    _exit_interrupted(trainer)
+                    raise
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1})
         if cfg.get("test", False):
             ckpt = trainer.checkpoint_callback
@@ -229,6 +280,47 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def _reattach_wandb(cfg: DictConfig, ckpt_path: Any) -> None:
+    """Resuming into the checkpoint's own run: log to the same W&B run (same id)."""
+    from omegaconf import open_dict
+
+    run = run_dir_of_checkpoint(ckpt_path)
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if run is None or not wandb_cfg or wandb_cfg.get("id"):
+        return
+    try:
+        same_run = Path(str(cfg.paths.output_dir)).resolve() == run.resolve()
+    except Exception:  # noqa: BLE001 - no Hydra runtime (a config composed by hand)
+        same_run = False
+    run_id = wandb_run_id(run) if same_run else None
+    if run_id:
+        with open_dict(cfg):
+            wandb_cfg.id = run_id
+            wandb_cfg.resume = "allow"
+        log.info("resuming W&B run %s of %s", run_id, run)
+
+
+def _exit_interrupted(trainer: Any) -> None:
+    """A fit stopped by a signal: say where and how to resume, and exit 130 (SIGINT) / 143 (SIGTERM)."""
+    from lightning_struct.callbacks.resume import Resumable
+
+    stop = next((c.interruption for c in trainer.callbacks if isinstance(c, Resumable) and c.interruption), None)
+    if stop is None:
+        return
+    if trainer.global_rank == 0:
+        lines = [f"\nlightning-struct train stopped by {stop.signal} at epoch {stop.epoch}, global step {stop.global_step}"]
+        if stop.checkpoint:
+            try:
+                from hydra.core.hydra_config import HydraConfig
+
+                overrides = list(HydraConfig.get().overrides.task)
+            except Exception:  # noqa: BLE001 - composed without the Hydra app
+                overrides = []
+            lines += [f"checkpoint : {stop.checkpoint}", f"resume with: {resume_command(overrides, stop.checkpoint)}"]
+        print("\n".join(lines), file=sys.stderr, flush=True)
+    raise SystemExit(stop.exit_code)
+
+
 def _print_summary(trainer: Any, metrics: dict[str, float]) -> None:
     """Tell the user where the checkpoint, the logs and the W&B run are."""
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -241,9 +333,16 @@ def _print_summary(trainer: Any, metrics: dict[str, float]) -> None:
     if isinstance(ckpt, ModelCheckpoint):
         if ckpt.best_model_path:
             lines.append(f"best checkpoint : {ckpt.best_model_path}")
-        if ckpt.last_model_path:
-            lines.append(f"last checkpoint : {ckpt.last_model_path}")
+        last = ckpt.last_model_path
+        if not last and ckpt.save_last and ckpt.dirpath:  # ddp_spawn: the workers' paths do not come back
+            candidate = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
+            last = str(candidate) if candidate.is_file() else ""
+        if last:
+            lines.append(f"last checkpoint : {last}")
     lines.append(f"run directory   : {trainer.default_root_dir}")
+    spectra = Path(trainer.default_root_dir) / "spectra"
+    if spectra.is_dir() and any(spectra.glob("*.png")):
+        lines.append(f"spectra plots   : {spectra}")
     for lg in trainer.loggers:
         if isinstance(lg, CSVLogger):
             lines.append(f"csv metrics     : {Path(lg.log_dir) / 'metrics.csv'}")
@@ -275,6 +374,7 @@ def _metric_for_sweeper(cfg: DictConfig, metrics: dict[str, float]) -> float | N
 
 
 RECIPES: list[str] = register_recipes()
+register_resolvers()
 
 import hydra  # noqa: E402  (after the recipes are registered)
 

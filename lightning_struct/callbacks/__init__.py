@@ -11,6 +11,7 @@ _EXPORTS = {
     "StructuredConversion": "lightning_struct.callbacks.conversion",
     "ConversionCheckpoint": "lightning_struct.callbacks.conversion",
     "FFTConvolution": "lightning_struct.callbacks.fftconv",
+    "Resumable": "lightning_struct.callbacks.resume",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_struct._checks import check_choice, check_int
+from lightning_struct.data.loader import ResumableLoader
 
 
 class DigitsDataModule(pl.LightningDataModule):
@@ -98,14 +99,19 @@ class DigitsDataModule(pl.LightningDataModule):
         self.val_set = TensorDataset(x[va], y[va])
         self.test_set = TensorDataset(x[te], y[te])
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(channels, height, width)`` of one sample."""
+        return (self.in_channels, self.image_size, self.image_size)
+
     def _loader(self, ds: TensorDataset | None, shuffle: bool) -> DataLoader:
         assert ds is not None, "setup() must run first"
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
+        # the training loader's order depends on (seed, epoch) only and resumes mid-epoch exactly
+        return ResumableLoader(
             ds,
             batch_size=self.batch_size,
             shuffle=shuffle,
-            generator=gen if shuffle else None,
+            seed=self.seed,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from lightning_struct._checks import check_int, check_number
+from lightning_struct.data.loader import ResumableLoader
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,7 +48,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes.
         pin_memory: pin host memory for faster host-to-GPU copies.
         persistent_workers: keep workers alive between epochs (only with ``num_workers > 0``).
-        num_classes: expected number of classes; checked against the folders when given.
+        num_classes: expected number of classes; checked against the folders when given (in the
+            Hydra config it follows ``model.num_classes``, the key to set).
+        seed: seed of the training shuffle (epoch ``e`` uses ``seed + e``; resumes mid-epoch exactly).
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         num_classes: int | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if root is None or str(root) in ("", "???"):
@@ -80,8 +84,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
             )
         if num_classes is not None and num_classes != len(self.classes):
             raise ValueError(
-                f"ImageFolderDataModule: data.num_classes={num_classes} but {self.root}/train has "
-                f"{len(self.classes)} class folders"
+                f"ImageFolderDataModule: {self.root}/train has {len(self.classes)} class folders but the model "
+                f"expects {num_classes} classes: pass model.num_classes={len(self.classes)} (data.num_classes follows it)"
             )
         self.num_classes = len(self.classes)
         self.image_size = image_size
@@ -90,6 +94,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
+        self.seed = int(seed)
         self._sets: dict[str, object] = {}
 
     def _transform(self, train: bool):  # noqa: ANN202 - torchvision transform
@@ -110,12 +115,18 @@ class ImageFolderDataModule(pl.LightningDataModule):
             test_dir = self.root / "test" if (self.root / "test").is_dir() else self.root / "val"
             self._sets["test"] = ImageFolder(str(test_dir), transform=self._transform(False))
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(channels, height, width)`` of one sample."""
+        return (3, self.image_size, self.image_size)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
-        return DataLoader(
+        return ResumableLoader(
             self._sets[split],  # type: ignore[arg-type]
             batch_size=self.batch_size,
             shuffle=shuffle,
+            seed=self.seed,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,

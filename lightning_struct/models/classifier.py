@@ -86,6 +86,10 @@ class ImageClassifier(pl.LightningModule):
                 f"model.num_classes={self.num_classes} but the datamodule ({type(dm).__name__}) has "
                 f"{dm_classes} classes; set model.num_classes={dm_classes}"
             )
+        shape = getattr(dm, "input_shape", None)
+        if self.example_input_array is None and shape is not None:
+            # one zero image: Lightning's model summary then shows real FLOPs and in/out sizes
+            self.example_input_array = torch.zeros(1, *shape)
         if self.compile and stage == "fit":
             self.net = torch.compile(self.net)  # type: ignore[assignment]
 
@@ -115,8 +119,13 @@ class ImageClassifier(pl.LightningModule):
         return loss
 
     def on_train_start(self) -> None:
-        # sanity-check validation must not count towards the best accuracy
+        # sanity-check validation must not count towards the best accuracy; a resumed run goes on
+        # from the best it had reached
         self.val_acc_best.reset()
+        resumed = getattr(self, "_resumed_best", None)
+        if resumed is not None and torch.isfinite(resumed):
+            self.val_acc_best.update(resumed.to(self.device))
+        self._resumed_best = None
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits, y = self._shared(batch)
@@ -147,10 +156,14 @@ class ImageClassifier(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
             checkpoint["run_config"] = self.run_config
+        # torchmetrics states are not in the state_dict: keep the running best across a resume
+        checkpoint["val_acc_best"] = self.val_acc_best.max_value.detach().cpu().clone()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if checkpoint.get("run_config") is not None and self.run_config is None:
             self.run_config = checkpoint["run_config"]
+        if "val_acc_best" in checkpoint:
+            self._resumed_best = checkpoint["val_acc_best"]
 
     # ------------------------------------------------------------------ optim
     def configure_optimizers(self) -> Any:
