@@ -81,7 +81,7 @@ def test_primary_config_defaults():
     cfg = compose_cfg([])
     assert cfg.data._target_.endswith("DigitsDataModule")
     assert "wandb" in cfg.logger
-    assert set(cfg.callbacks) == {"model_checkpoint", "lr_monitor", "rich_progress_bar"}
+    assert set(cfg.callbacks) == {"model_checkpoint", "lr_monitor", "rich_progress_bar", "resumable"}
 
 
 def test_nested_recipes_and_wandb_sweep_files():

@@ -87,6 +87,52 @@ def test_misspelt_recipe_lists_nested_recipes_with_a_close_match():
     assert _unknown_recipe(["recipe=quickstart", "seed=1"]) is None
 
 
+def test_misspelt_key_names_the_close_keys():
+    from lightning_struct.app.train import _unknown_key
+
+    msg = _unknown_key(["recipe=quickstart", "trainer.max_epoch=3"])
+    assert msg is not None and "Did you mean 'trainer.max_epochs'" in msg and "+trainer.max_epoch=3" in msg
+    assert "'data.batch_size'" in (_unknown_key(["data.batchsize=8"]) or "")
+    assert _unknown_key(["recipe=quickstart", "trainer.max_epochs=3", "seed=1,2"]) is None  # sweeps: Hydra's
+    assert _unknown_key(["recipe=quickstart", "+trainer.max_epoch=3"]) is None
+
+
+@pytest.mark.slow
+def test_cli_misspelt_key_exits_2_with_the_suggestion(tmp_path):
+    res = run_cli(["train", "recipe=quickstart", "trainer.max_epoch=3"], cwd=tmp_path)
+    assert res.returncode == 2 and "Did you mean 'trainer.max_epochs'" in res.stderr
+    assert not (tmp_path / "logs").exists(), "nothing was run"
+
+
+def test_converted_checkpoint_loads_with_load_from_checkpoint(tmp_path):
+    import lightning.pytorch as pl
+
+    from lightning_struct import convert
+    from lightning_struct.models import load_classifier
+    from lightning_struct.nn.lowrank import LowRankLinear
+    from lightning_struct.surgery.spec import SPEC_KEY, get_spec
+
+    torch.manual_seed(0)
+    model = ImageClassifier(digits_cnn(num_classes=10, image_size=16), num_classes=10)
+    convert(model, "lowrank", ratio=0.25)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(model)
+    path = tmp_path / "converted.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    ckpt[SPEC_KEY] = get_spec(model)  # what ConversionCheckpoint writes
+    torch.save(ckpt, path)
+
+    loaded = ImageClassifier.load_from_checkpoint(path, net=digits_cnn(num_classes=10, image_size=16))
+    assert any(isinstance(m, LowRankLinear) for m in loaded.modules())
+    x = torch.randn(3, 1, 16, 16)
+    model.eval(), loaded.eval()
+    assert torch.equal(model(x), loaded(x))
+    ckpt["run_config"] = {"model": {"num_classes": 10, "net": {"_target_": "lightning_struct.models.digits_cnn", "num_classes": 10, "image_size": 16}}}
+    torch.save(ckpt, path)
+    assert torch.equal(load_classifier(path).eval()(x), model(x))
+
+
 def test_missing_data_root_fails_before_training(tmp_path):
     from lightning_struct.app.train import train
 

@@ -403,10 +403,56 @@ def _unknown_recipe(args: Sequence[str]) -> str | None:
     return None
 
 
+def _unknown_key(args: Sequence[str]) -> str | None:
+    """A message for ``a.b=value`` naming no config key, with the close matches among its siblings.
+
+    Hydra's own message ("Key 'max_epoch' is not in struct") names neither the alternatives nor
+    the spelling that was meant; the overrides are composed once here (no job runs) to find out.
+    """
+    import difflib
+
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    overrides = [a for a in args if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra.")]
+    if not overrides:
+        return None
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(config_dir()), job_name="check"):
+            compose(config_name="config", overrides=overrides)
+        return None
+    except ConfigCompositionException as err:
+        cause = err.__cause__
+        if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or "not in struct" not in str(cause):
+            return None
+        full_key = getattr(cause, "full_key", None) or ""
+    except Exception:  # noqa: BLE001 - anything else (sweeps, interpolations) is Hydra's to report
+        return None
+    bad = next((a for a in overrides if a.partition("=")[0] == full_key), None)
+    if not full_key or bad is None:
+        return None
+    parent, _, leaf = full_key.rpartition(".")
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(config_dir()), job_name="check"):
+            cfg = compose(config_name="config", overrides=[a for a in overrides if a != bad])
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        siblings = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+    except Exception:  # noqa: BLE001
+        siblings = []
+    close = difflib.get_close_matches(leaf, siblings, n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(repr('.'.join(filter(None, [parent, c]))) for c in close)}?" if close else ""
+    listed = f"\nKeys of {parent or 'the config'}: {', '.join(sorted(siblings))}" if siblings else ""
+    return (
+        f"lightning-struct train: {full_key!r} is not a config key ({bad}).{hint}"
+        f" To add a new key, write +{bad}.{listed}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry (``lightning-struct train ...``): Hydra parses ``argv`` itself."""
     args = list(sys.argv[1:] if argv is None else argv)
-    bad = _unknown_recipe(args)
+    bad = _unknown_recipe(args) or _unknown_key(args)
     if bad is not None:
         print(bad, file=sys.stderr)
         return 2

@@ -164,6 +164,11 @@ class ImageClassifier(pl.LightningModule):
             self.run_config = checkpoint["run_config"]
         if "val_acc_best" in checkpoint:
             self._resumed_best = checkpoint["val_acc_best"]
+        # a converted checkpoint (StructuredConversion, convert + save): rebuild the factor layers
+        # first, so ImageClassifier.load_from_checkpoint(path, net=dense_net) loads it as it is
+        from lightning_struct.surgery.checkpoint import restore_structure
+
+        restore_structure(self, checkpoint)
 
     # ------------------------------------------------------------------ optim
     def configure_optimizers(self) -> Any:
@@ -206,6 +211,6 @@ def load_classifier(checkpoint: str | dict[str, Any], map_location: str | torch.
         num_classes=hp.get("num_classes", model_cfg.get("num_classes")),
         label_smoothing=hp.get("label_smoothing", 0.0),
     )
+    model.on_load_checkpoint(ckpt)  # converted structure first, as load_from_checkpoint does
     model.load_state_dict(ckpt["state_dict"])
-    model.run_config = run_config
     return model

@@ -48,3 +48,20 @@ class Context:
         )  # fmt: skip
         self.rows.append(row)
         return row
+
+    def not_worth_it(self, row: LayerReport, params_after: int | None, flops_after: int | None) -> str | None:
+        """Why a replacement costing ``params_after``/``flops_after`` is not made, or ``None``.
+
+        It must save at least ``options.min_saving`` of the layer's parameters and must not add
+        FLOPs (when both FLOP counts are known): a conversion never makes the model worse.
+        """
+        before = row.params_before
+        if params_after is not None and before and params_after > (1.0 - self.options.min_saving) * before:
+            saved = 1.0 - params_after / before
+            if saved <= 0:
+                return "kept dense: factorized cost not lower"
+            return f"kept dense: saves {saved:.1%} of the parameters (< min_saving={self.options.min_saving:g})"
+        if flops_after is not None and row.flops_before is not None and flops_after > row.flops_before:
+            return f"kept dense: more FLOPs ({row.flops_before:,} -> {flops_after:,})"
+        return None
+

@@ -112,8 +112,10 @@ def convert_acdc(ctx: Context) -> None:
             rows_per_example = rows_of(shape)
         w = m.weight
         new = new.to(device=w.device, dtype=w.dtype)
-        if n_params(new) >= n_params(m):
-            row.status = "kept dense: factorized cost not lower"
+        flops = acdc_flops(o.acdc_factors, size, rows_per_example) if shape is not None else None
+        why = ctx.not_worth_it(row, n_params(new), flops)
+        if why is not None:  # decided before the (costly) fit
+            row.status = why
             continue
         if ctx.have_data and name in ctx.probe.inputs:
             xs = ctx.probe.inputs[name]
@@ -130,7 +132,7 @@ def convert_acdc(ctx: Context) -> None:
         row.kind = entry["kind"]
         row.detail = {"n_factors": o.acdc_factors, "fit": source, "fit_loss": f"{first:.3g}->{last:.3g}"}
         row.params_after = n_params(new)
-        if shape is not None:
-            row.flops_after = acdc_flops(o.acdc_factors, size, rows_per_example)
+        if flops is not None:
+            row.flops_after = flops
         ctx.new_modules.append((name, new, entry))
 

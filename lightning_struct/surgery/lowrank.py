@@ -149,6 +149,13 @@ def convert_lowrank(ctx: Context) -> None:
             row.status = "kept dense: factorized cost not lower"
             row.detail = {"rank": p.rank}
             continue
+        why = ctx.not_worth_it(
+            row, lowrank_cost(m, p.scheme, p.rank, shape, "params"), lowrank_cost(m, p.scheme, p.rank, shape, "flops")
+        )
+        if why is not None:
+            row.status = why
+            row.detail = {"rank": p.rank}
+            continue
         if isinstance(m, nn.Conv2d):
             new: nn.Module = LowRankConv2d.from_dense(m, rank=p.rank, scheme=p.scheme)
         else:

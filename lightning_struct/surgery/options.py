@@ -43,8 +43,14 @@ class ConversionOptions:
         budget: low-rank: global budget over the selected layers, a fraction ``<= 1`` of their
             dense cost or an absolute count ``> 1``; ranks are allocated greedily.
         budget_on: ``"params"`` or ``"flops"`` (multiply-accumulates; needs input shapes).
-        include: name globs of layers to convert (default: every layer of ``types``).
+        include: name globs of layers to convert. Default: every layer of ``types`` except the
+            first conv (the stem) and the last ``Linear`` (the classifier), as
+            :class:`~lightning_struct.ForceRegularization` does; give ``include`` (``"*"`` for
+            all) to convert exactly the layers it names.
         exclude: name globs to leave alone.
+        min_saving: a layer is replaced only if its parameter count falls by at least this
+            fraction (default 0.1: a 36,864 -> 36,480 factorization stays dense) and its FLOPs,
+            when the input shape is known, do not grow; otherwise it is reported "kept dense".
         types: layer classes (or names) to consider; defaults: lowrank ``Conv2d, Linear``;
             acdc ``Linear`` and ``1x1 Conv2d``; tied torchvision ``Bottleneck`` and ViT ``MLPBlock``.
         scheme: conv scheme for low-rank: ``"channel"``, ``"spatial"`` or ``"tucker2"``
@@ -73,6 +79,7 @@ class ConversionOptions:
     budget_on: str = "params"
     include: str | Sequence[str] | None = None
     exclude: str | Sequence[str] | None = None
+    min_saving: float = 0.1
     types: Sequence[type | str] | None = None
     scheme: str = "channel"
     rank_multiple: int = 1
@@ -112,6 +119,7 @@ class ConversionOptions:
         check_choice(self.budget_on, "budget_on", BUDGET_ON, where)
         check_globs(self.include, "include", where)
         check_globs(self.exclude, "exclude", where)
+        check_number(self.min_saving, "min_saving", where, minimum=0.0, maximum=1.0, open_max=True)
         check_int(self.rank_multiple, "rank_multiple", where, minimum=1)
         if self.rank_multiple > 1 and (self.method != "lowrank" or self.budget is not None):
             raise ValueError(f"{where}: rank_multiple applies to method='lowrank' with energy, ratio or rank (not budget)")

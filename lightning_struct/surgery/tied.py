@@ -54,6 +54,10 @@ def convert_tied(ctx: Context) -> None:
             new, kind = tied.TiedBottleneck.from_bottleneck(m), "tied_bottleneck"
         else:
             new, kind = tied.TiedMLP.from_mlp(m), "tied_mlp"
+        why = ctx.not_worth_it(row, n_params(new), None)
+        if why is not None:
+            row.status = why
+            continue
         row.kind = kind
         row.params_after = n_params(new)
         ctx.new_modules.append((name, new, {"kind": kind}))
