@@ -314,3 +314,17 @@ def test_csv_logger_widens_the_file_written_by_another_writer(tmp_path):
     b.save()
     rows = _read_csv(tmp_path / "metrics.csv")
     assert [r["train/loss"] for r in rows] == ["1.0", ""] and [r["test/acc"] for r in rows] == ["", "0.5"]
+
+
+def test_multirun_summary_lists_the_varying_overrides():
+    from lightning_struct.app.train import multirun_summary
+
+    jobs = [
+        (["recipe=q", "callbacks.force.strength=0.0"], {"val/acc": 0.9, "force/total_rank_fraction@0.95": 0.8}, "runs/0", "force/total_rank_fraction@0.95"),
+        (["recipe=q", "callbacks.force.strength=0.001"], {"val/acc": 0.85, "force/total_rank_fraction@0.95": 0.5}, "runs/1", "force/total_rank_fraction@0.95"),
+    ]
+    text = multirun_summary(jobs).splitlines()
+    assert text[0] == "lightning-struct train: 2 jobs (optimized_metric=force/total_rank_fraction@0.95)"
+    assert text[1].split() == ["job", "overrides", "force/total_rank_fraction@0.95", "val/acc", "run", "dir"]
+    assert text[2].split() == ["0", "callbacks.force.strength=0.0", "0.8000", "0.9000", "runs/0"]
+    assert "recipe=q" not in text[3]

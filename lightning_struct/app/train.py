@@ -156,6 +156,55 @@ def _check_required(cfg: DictConfig) -> None:
         raise ValueError(f"missing required config value(s) {missing}: pass {shown}")
 
 
+def _other_busy_cores(samples: int = 5) -> int:
+    """How many cores other processes keep busy now (Linux: runnable tasks in /proc/loadavg, minus us)."""
+    import statistics
+    import time
+
+    counts = []
+    for _ in range(samples):
+        try:
+            running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+        counts.append(max(0, running - 1))
+        time.sleep(0.01)
+    return int(statistics.median_low(counts))
+
+
+def _set_cpu_threads(cfg: DictConfig) -> None:
+    """``threads=auto``: a single-process CPU run uses the cores that are free, not all of them.
+
+    On a 2-core machine the quickstart takes 16 s with 2 threads when idle, but 32 s with 2 and
+    20 s with 1 thread when another process keeps a core busy (README, quickstart): intra-op threads
+    that share a core with someone else wait on each other at every op. ``auto`` counts the
+    cores other processes are using at start and leaves them alone; an integer sets the count;
+    ``null`` keeps torch's default. An explicit ``OMP_NUM_THREADS`` always wins.
+    """
+    import torch
+
+    choice = cfg.get("threads", "auto")
+    trainer = cfg.get("trainer") or {}
+    accel = str(trainer.get("accelerator", "auto"))
+    on_cpu = accel == "cpu" or (accel == "auto" and not torch.cuda.is_available())
+    single = str(trainer.get("devices", 1)) in ("1", "auto") and trainer.get("num_nodes", 1) in (1, None)
+    if choice is None or os.environ.get("OMP_NUM_THREADS") or not on_cpu or not single:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if choice == "auto":
+        busy = _other_busy_cores()
+        n = max(1, min(torch.get_num_threads(), cores - busy))
+        why = f"{cores} cores, {busy} busy with other processes"
+    else:
+        from lightning_struct._checks import check_int
+
+        n = int(check_int(choice, "threads", "lightning-struct train", minimum=1))  # type: ignore[arg-type]
+        why = "threads=" + str(choice)
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    log.info("CPU threads: %d (%s; set threads=N or OMP_NUM_THREADS to choose)", n, why)
+
+
 class _DropTips(logging.Filter):
     """Lightning's advertisement lines ("Tip: ... try installing ...") are not about this run."""
 
@@ -204,6 +253,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # before the data and model are built: a typo must not cost the set-up time
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such checkpoint file (give a path to a .ckpt, e.g. <run>/checkpoints/last.ckpt)")
     _one_log_path()
+    _set_cpu_threads(cfg)
     if cfg.get("seed") is not None:
         pl.seed_everything(int(cfg.seed), workers=True)
     if cfg.get("logger") and cfg.logger.get("wandb"):
@@ -378,12 +428,40 @@ register_resolvers()
 
 import hydra  # noqa: E402  (after the recipes are registered)
 
+#: (overrides, metrics, run dir, optimized metric name) of each job of this process (multirun summary)
+_JOBS: list[tuple[list[str], dict[str, float], str, str | None]] = []
+
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def hydra_app(cfg: DictConfig) -> float | None:
     """Hydra entry: run one training job; return ``optimized_metric`` for sweepers."""
     metrics = train(cfg)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        _JOBS.append((list(hc.overrides.task), metrics, str(hc.runtime.output_dir), cfg.get("optimized_metric")))
+    except ValueError:  # no Hydra runtime (composed by hand)
+        pass
     return _metric_for_sweeper(cfg, metrics)
+
+
+def multirun_summary(jobs: Sequence[tuple[list[str], dict[str, float], str, str | None]]) -> str:
+    """One line per job: the overrides that differ between jobs, the optimized metric, accuracies, run dir."""
+    if not jobs:
+        return ""
+    common = set(jobs[0][0]).intersection(*(set(j[0]) for j in jobs[1:]))
+    opt = next((j[3] for j in jobs if j[3]), None)
+    keys = [k for k in (opt, "val/acc", "val/acc_best", "test/acc") if k and any(k in j[1] for j in jobs)]
+    keys = list(dict.fromkeys(keys))
+    rows = [["job", "overrides", *keys, "run dir"]]
+    for i, (overrides, metrics, run_dir, _) in enumerate(jobs):
+        varying = " ".join(o for o in overrides if o not in common) or "(same as all)"
+        rows.append([str(i), varying, *(f"{metrics[k]:.4f}" if k in metrics else "-" for k in keys), run_dir])
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    title = f"lightning-struct train: {len(jobs)} jobs" + (f" (optimized_metric={opt})" if opt else "")
+    return "\n".join([title, *lines])
 
 
 def _unknown_recipe(args: Sequence[str]) -> str | None:
@@ -458,8 +536,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     saved = sys.argv
     sys.argv = ["lightning-struct-train", *args]
+    _JOBS.clear()
     try:
         hydra_app()
     finally:
         sys.argv = saved
+    if len(_JOBS) > 1 or (_JOBS and any(a in ("-m", "--multirun") for a in args)):
+        print("\n" + multirun_summary(_JOBS), flush=True)
     return 0
