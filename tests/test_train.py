@@ -328,3 +328,36 @@ def test_multirun_summary_lists_the_varying_overrides():
     assert text[1].split() == ["job", "overrides", "force/total_rank_fraction@0.95", "val/acc", "run", "dir"]
     assert text[2].split() == ["0", "callbacks.force.strength=0.0", "0.8000", "0.9000", "runs/0"]
     assert "recipe=q" not in text[3]
+
+
+def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
+    from omegaconf import OmegaConf
+
+    import lightning_struct.app.train as t
+
+    n0 = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(t.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3}, raising=False)
+    cpu = {"trainer": {"accelerator": "cpu", "devices": 1}}
+    try:
+        torch.set_num_threads(4)
+        monkeypatch.setattr(t, "_other_busy_cores", lambda: 3)
+        t._set_cpu_threads(OmegaConf.create({**cpu, "threads": "auto"}))
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(4)
+        monkeypatch.setattr(t, "_other_busy_cores", lambda: 0)
+        t._set_cpu_threads(OmegaConf.create({**cpu, "threads": "auto"}))
+        assert torch.get_num_threads() == 4
+        t._set_cpu_threads(OmegaConf.create({**cpu, "threads": 2}))
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(4)
+        t._set_cpu_threads(OmegaConf.create({"trainer": {"accelerator": "cpu", "devices": 2}, "threads": 1}))
+        assert torch.get_num_threads() == 4, "multi-process runs: Lightning splits the cores itself"
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        t._set_cpu_threads(OmegaConf.create({**cpu, "threads": 1}))
+        assert torch.get_num_threads() == 4, "an explicit OMP_NUM_THREADS wins"
+        with pytest.raises(ValueError, match="threads"):
+            monkeypatch.delenv("OMP_NUM_THREADS")
+            t._set_cpu_threads(OmegaConf.create({**cpu, "threads": 0}))
+    finally:
+        torch.set_num_threads(n0)
