@@ -60,3 +60,19 @@ def log_table(
             lg.log_table(key=key, columns=list(columns), data=[list(r) for r in data], step=step)
         except Exception as err:
             log.warning("W&B table %s failed: %s", key, err)
+
+
+def run_dir(trainer: pl.Trainer) -> str:
+    """Where this run writes files: what ``trainer.log_dir`` gives, without its collective.
+
+    ``trainer.log_dir`` broadcasts from rank 0, so calling it from rank 0 alone (a rank-zero-only
+    plot) blocks forever under the ``ddp`` launcher; this is the same choice, made locally.
+    """
+    if trainer.loggers:
+        lg = trainer.loggers[0]
+        path = getattr(lg, "log_dir", None) if type(lg).__name__ in ("CSVLogger", "TensorBoardLogger") else None
+        path = path or getattr(lg, "save_dir", None)
+        if path:
+            return str(path)
+    return str(trainer.default_root_dir)
+

@@ -7,7 +7,7 @@ fine-tune the converted model in the same ``fit``, and keep every later checkpoi
 
 The story, hook by hook:
 
-* ``setup``: refuse multi-process strategies (see below); install a pre-load hook on the
+* ``setup``: refuse strategies that cannot be re-wrapped (see below); install a pre-load hook on the
   LightningModule so a checkpoint of a converted model rebuilds its structure before the
   weights load (Lightning calls ``LightningModule.on_load_checkpoint`` *before*
   ``load_state_dict`` but the callbacks' ``on_load_checkpoint`` *after*, so the callback hook
@@ -22,15 +22,21 @@ The story, hook by hook:
 * ``state_dict``/``load_state_dict``: whether the conversion already happened (a resumed run
   does not convert twice).
 
-Why not under DDP. DDP registers its gradient hooks (the reducer) on the parameters that exist
-when the model is wrapped; new factor parameters would never be all-reduced and the ranks would
-drift apart. Re-wrapping works for the ``ddp`` launcher but not for ``ddp_spawn``: there the
-main process receives rank 0's final weights through a *non-strict* ``load_state_dict`` into
-its own, unconverted copy of the model, which silently keeps the dense pre-conversion weights.
-Sharded strategies (FSDP, DeepSpeed) cannot be re-wrapped at all. So under any multi-process
-strategy this callback raises and points to the two-phase form
-(:func:`lightning_struct.callbacks.two_phase.fit_convert_finetune`, or a ``conversion:`` section in
-``lightning-struct train``), where the second ``fit`` wraps the already converted model.
+Under DDP (``strategy="ddp"``, the subprocess launcher; gloo or NCCL). DDP registers its gradient
+hooks (the reducer) on the parameters that exist when the model is wrapped, so the conversion goes:
+rank 0 plans and converts from its own calibration batches; the plan (the spec entries) is
+broadcast and every other rank builds the same structure; every parameter and buffer is then
+broadcast from rank 0, so all ranks start the fine-tuning bit-identical (nothing relies on the
+ranks' SVDs agreeing to the last bit); the module is unwrapped and wrapped in a fresh
+``DistributedDataParallel`` through the strategy (SyncBatchNorm, precision plugin, DDP kwargs and
+comm hooks as at fit start); the optimizers and schedulers are re-created and moved to the device.
+
+Refused at fit start: ``ddp_spawn`` / ``ddp_fork`` / ``ddp_notebook`` (the main process would
+receive rank 0's final weights through a *non-strict* ``load_state_dict`` into its own unconverted
+copy of the model, silently keeping the dense weights) and sharded strategies (FSDP, DeepSpeed:
+their shards are built on the modules that exist when they wrap). For those, use the two-phase
+form (:func:`lightning_struct.callbacks.two_phase.fit_convert_finetune`, or a ``conversion:``
+section in ``lightning-struct train``), where the second ``fit`` wraps the already converted model.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -56,6 +63,7 @@ from lightning_struct.surgery import (
     SPEC_KEY,
     ConversionOptions,
     ConversionReport,
+    apply_entries,
     convert,
     get_spec,
     restore_structure,
@@ -67,6 +75,58 @@ log = logging.getLogger(__name__)
 __all__ = ["ConversionCheckpoint", "StructuredConversion", "scale_learning_rates"]
 
 _HOOK_FLAG = "_lightning_struct_preload"
+
+
+def _cannot_rewrap(strategy: Any) -> str | None:
+    """Why the model cannot be converted inside a fit under ``strategy`` (``None``: it can)."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if not isinstance(strategy, ParallelStrategy):
+        return None
+    try:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+    except ImportError:  # pragma: no cover - older Lightning
+        DeepSpeedStrategy = ()  # type: ignore[assignment,misc]  # noqa: N806
+    if isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy):
+        if getattr(strategy, "_start_method", "popen") != "popen":
+            return (
+                f"with start method {strategy._start_method!r} (ddp_spawn / ddp_fork / ddp_notebook) the main "
+                "process receives rank 0's weights through a non-strict load into its own unconverted model and "
+                "silently keeps the dense weights"
+            )
+        return None
+    return "a sharded or custom strategy builds its parameter shards on the modules that exist when it wraps the model"
+
+
+def _broadcast_module_state(module: torch.nn.Module) -> None:
+    """Every parameter and buffer of ``module`` takes rank 0's value (same structure on every rank)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
+def _rewrap_ddp(trainer: pl.Trainer) -> None:
+    """A fresh ``DistributedDataParallel`` around the converted module, as ``DDPStrategy.setup`` builds it.
+
+    The old wrapper's reducer holds the dense parameters (it would never all-reduce the factors),
+    so the module is unwrapped and wrapped again through the strategy: SyncBatchNorm conversion,
+    the precision plugin's module conversion, the move to the device, the DDP kwargs and the
+    communication hooks are those the strategy applies at fit start.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    strategy = trainer.strategy
+    if not isinstance(strategy.model, DistributedDataParallel):
+        return
+    strategy.model = strategy.lightning_module
+    layer_sync = getattr(strategy, "_layer_sync", None)
+    if layer_sync is not None:
+        strategy.model = layer_sync.apply(strategy.model)
+    strategy.precision_plugin.convert_module(strategy.model)
+    strategy.model_to_device()
+    strategy.configure_ddp()  # type: ignore[attr-defined]
 
 
 def _install_preload_hook(pl_module: pl.LightningModule) -> None:
@@ -274,13 +334,13 @@ class StructuredConversion(ConversionCheckpoint):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        if isinstance(trainer.strategy, ParallelStrategy) or trainer.world_size > 1:
+        why = _cannot_rewrap(trainer.strategy)
+        if why is not None:
             raise MisconfigurationException(
                 f"StructuredConversion converts layers inside a running fit, which is not supported with "
-                f"strategy {type(trainer.strategy).__name__} (world size {trainer.world_size}): DDP's reducer and "
-                f"sharded strategies are built on the parameters that exist when the model is wrapped, and under "
-                f"ddp_spawn the main process would silently keep the unconverted weights. Use the two-phase form: "
-                f"lightning_struct.callbacks.two_phase.fit_convert_finetune(...) or a `conversion:` section in "
+                f"strategy {type(trainer.strategy).__name__} (world size {trainer.world_size}): {why}. Use "
+                f"strategy='ddp' (the subprocess launcher), or the two-phase form: "
+                f"lightning_struct.fit_convert_finetune(...) or a `conversion:` section in "
                 f"`lightning-struct train`, which converts between two fits."
             )
         if not self.converted and not get_spec(pl_module):
@@ -311,11 +371,24 @@ class StructuredConversion(ConversionCheckpoint):
 
     def convert_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ConversionReport:
         """Convert, re-create the optimizers and schedulers, log the report."""
-        batches = take_batches(train_loader_of(trainer), self.calibration_batches)
-        report = convert(pl_module, self.options, calibration=batches or None)
+        distributed = trainer.world_size > 1
+        report: ConversionReport | None = None
+        if trainer.is_global_zero or not distributed:
+            # the plan (layers, ranks, fitted factors) is made once, on rank 0, from its batches
+            batches = take_batches(train_loader_of(trainer), self.calibration_batches)
+            report = convert(pl_module, self.options, calibration=batches or None)
+        if distributed:
+            report = trainer.strategy.broadcast(report, src=0)
+            assert report is not None
+            if not trainer.is_global_zero:
+                apply_entries(pl_module, report.spec)  # the same structure, built locally
+            _broadcast_module_state(pl_module)  # ... with rank 0's values, bit for bit
+        assert report is not None
         self.converted = True
+        _rewrap_ddp(trainer)
         announce_structure_change(trainer, pl_module, [e["name"] for e in report.spec])
         trainer.strategy.setup_optimizers(trainer)
+        _optimizers_to_device(trainer.strategy.optimizers, trainer.strategy.root_device)
         if self.lr_scale is not None:
             scale_learning_rates(trainer, self.lr_scale)
         if self.scheduler == "continue":

@@ -29,6 +29,7 @@ from typing_extensions import override
 
 from lightning_struct._checks import check_bool, check_choice, check_globs, check_int, check_number
 from lightning_struct.callbacks._log import log_scalars, log_wandb, wandb_loggers
+from lightning_struct.callbacks._log import run_dir as _run_dir
 from lightning_struct.nn.lowrank import LowRankConv2d, LowRankLinear
 from lightning_struct.ops.spectral import (
     CONV_TYPES,
@@ -350,7 +351,7 @@ class SpectralMonitor(Callback):
         for name, v in values.items():
             self.history.setdefault(name, {})[f"epoch {epoch}"] = downsample_sorted(v)
         if self.plot and values:
-            run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+            run_dir = Path(_run_dir(trainer))
             try:
                 self.last_plot = plot_spectra(
                     values, run_dir / "spectra" / f"epoch_{epoch:03d}.png", title=f"layer spectra (periodic boundary), epoch {epoch}"

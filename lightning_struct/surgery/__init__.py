@@ -22,7 +22,7 @@ from lightning_struct.surgery.conversion import CONVERTED_TYPES, convert, fold_b
 from lightning_struct.surgery.options import METHODS, OPTION_KEYS, ConversionOptions
 from lightning_struct.surgery.probe import calibration_inputs
 from lightning_struct.surgery.report import ConversionReport, LayerReport
-from lightning_struct.surgery.spec import SPEC_KEY, apply_spec, get_spec
+from lightning_struct.surgery.spec import SPEC_KEY, apply_entries, apply_spec, get_spec
 
 __all__ = [
     "CONVERTED_TYPES",
@@ -32,6 +32,7 @@ __all__ = [
     "ConversionOptions",
     "ConversionReport",
     "LayerReport",
+    "apply_entries",
     "apply_spec",
     "calibration_inputs",
     "convert",

@@ -40,6 +40,7 @@ __all__ = [
     "SPEC_ATTR",
     "SPEC_FORMAT",
     "SPEC_KEY",
+    "apply_entries",
     "apply_spec",
     "get_spec",
     "get_submodule",
@@ -131,6 +132,25 @@ def strip_prefix(spec: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return {"format": spec.get("format", SPEC_FORMAT), "layers": out}
 
 
+def apply_entries(model: nn.Module, entries: list[Entry]) -> nn.Module:
+    """Replay spec ``entries`` (names relative to ``model``) on top of ``model``'s current structure.
+
+    The modules are built untrained, on the device and dtype of those they replace, and the
+    entries are appended to ``model``'s spec. Used where one process converted and the others
+    must build the same structure (DDP: rank 0 converts, the other ranks replay its entries).
+    """
+    _replay(model, entries)
+    record(model, [dict(e) for e in entries])
+    return model
+
+
+def _replay(model: nn.Module, entries: list[Entry]) -> None:
+    for entry in entries:
+        old = get_submodule(model, entry["name"])
+        new = _builder(entry["kind"])(old, entry, model)
+        replace_module(model, entry["name"], new)
+
+
 def apply_spec(model: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
     """Rebuild the converted structure described by ``spec`` on a dense ``model`` (in place).
 
@@ -156,10 +176,7 @@ def apply_spec(model: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
         raise ValueError(
             "apply_spec: the model is already converted with a different spec; build a fresh dense model first"
         )
-    for entry in spec["layers"]:
-        old = get_submodule(model, entry["name"])
-        new = _builder(entry["kind"])(old, entry, model)
-        replace_module(model, entry["name"], new)
+    _replay(model, spec["layers"])
     _clear(model)
     record(model, [dict(e) for e in spec["layers"]])
     return model
