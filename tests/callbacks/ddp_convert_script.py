@@ -2,7 +2,9 @@
 
 Lightning's ``ddp`` launcher re-runs this script for rank 1, as in Lightning's own DDP tests.
 MODE: ``full`` (3 epochs, conversion at the start of epoch 1), ``stop`` (the same run, stopped
-after epoch 1: after the conversion), ``resume`` (continue ``stop``'s ``last.ckpt`` to 3 epochs).
+after epoch 1: after the conversion), ``resume`` (continue ``stop``'s ``last.ckpt`` to 3 epochs),
+``stop0`` / ``resume0`` (stopped after epoch 0, before the conversion, then continued),
+``two_phase`` (``fit_convert_finetune``: 1 dense epoch, convert, 2 fine-tuning epochs).
 Each rank writes ``rank<r>.json``: a hash of its state dict, its layer types and its conversion flag;
 rank 0 also writes ``out.pt`` (its logits on a fixed input).
 """
@@ -74,8 +76,10 @@ def main(out: Path, method: str, mode: str, precision: str) -> None:
         conversion,
         ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0),
     ]
-    if mode == "stop":
-        callbacks.append(StopAfter(1))
+    if mode in ("stop", "stop0"):
+        callbacks.append(StopAfter(1 if mode == "stop" else 0))
+    if mode == "two_phase":
+        return two_phase(out, loader, kw)
     trainer = pl.Trainer(
         strategy="ddp", accelerator="cpu", devices=2, max_epochs=3, precision=precision, logger=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
@@ -83,14 +87,21 @@ def main(out: Path, method: str, mode: str, precision: str) -> None:
     )  # fmt: skip
     trainer.callbacks.extend(callbacks)
     model = UserNet()
-    ckpt = str(out.parent / "stop" / "checkpoints" / "last.ckpt") if mode == "resume" else None
+    source = {"resume": "stop", "resume0": "stop0"}.get(mode)
+    ckpt = str(out.parent / source / "checkpoints" / "last.ckpt") if source else None
     trainer.fit(model, loader, ckpt_path=ckpt)
+    monitor = next(c for c in trainer.callbacks if isinstance(c, SpectralMonitor))
+    report(out, trainer, model, conversion.converted, [n for n, _ in monitor.layers])
+
+
+def report(out: Path, trainer: pl.Trainer, model: UserNet, converted: bool, monitored: list[str]) -> None:
     state = model.state_dict()
     digest = hashlib.sha256(b"".join(state[k].detach().cpu().contiguous().numpy().tobytes() for k in sorted(state)))
     info = {
         "hash": digest.hexdigest(),
         "types": {n: type(m).__name__ for n, m in model.named_children()} | {"body.2": type(model.body[2]).__name__},
-        "converted": conversion.converted,
+        "converted": converted,
+        "monitored": {n: type(model.get_submodule(n)).__name__ for n in monitored},
         "epoch": trainer.current_epoch,
         "ddp_params": sum(p.numel() for p in trainer.strategy.model.parameters()),
         "params": sum(p.numel() for p in model.parameters()),
@@ -100,6 +111,34 @@ def main(out: Path, method: str, mode: str, precision: str) -> None:
         model.eval()
         with torch.no_grad():
             torch.save(model(torch.ones(2, 1, 8, 8)), out / "out.pt")
+
+
+class Data(pl.LightningDataModule):
+    def __init__(self, loader: DataLoader) -> None:
+        super().__init__()
+        self.loader = loader
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader
+
+
+def two_phase(out: Path, loader: DataLoader, kw: dict) -> None:
+    from lightning_struct import fit_convert_finetune
+
+    trainers = []
+
+    def factory(phase: str, extra: list) -> pl.Trainer:
+        t = pl.Trainer(
+            strategy="ddp", accelerator="cpu", devices=2, max_epochs=1 if phase == "fit" else 2, logger=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
+            default_root_dir=out / phase, callbacks=[ForceRegularization(strength=1e-3), *extra],
+        )  # fmt: skip
+        trainers.append(t)
+        return t
+
+    model = UserNet()
+    fit_convert_finetune(factory, model, Data(loader), {"method": "lowrank", **kw}, calibration_batches=2)
+    report(out, trainers[-1], model, True, [])
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def test_lowrank_in_fit_under_ddp_ranks_identical_and_reloadable(lowrank_full):
         assert r["converted"] and r["types"]["hidden"] == "LowRankLinear" and r["types"]["body.2"] == "LowRankConv2d"
         assert r["types"]["stem"] == "Conv2d" and r["types"]["head"] == "Linear", "stem and classifier stay dense"
         assert r["ddp_params"] == r["params"], "the DDP wrapper is the fresh one around the converted module"
+    assert ranks[0]["monitored"]["hidden"] == "LowRankLinear", "the monitor follows the conversion on rank 0"
     # same weights; this process may run the convs with another thread count (float rounding)
     torch.testing.assert_close(_fresh_outputs(out / "checkpoints" / "last.ckpt"), torch.load(out / "out.pt"), rtol=1e-5, atol=1e-6)
 
@@ -80,6 +81,19 @@ def test_resume_after_the_conversion_under_ddp_equals_the_uninterrupted_run(lowr
     assert stopped[0]["converted"] and stopped[0]["epoch"] == 2
     resumed = _run(tmp_path / "resume", "lowrank", "resume")
     assert resumed[0]["hash"] == resumed[1]["hash"] == full[0]["hash"], "same weights as the run never stopped"
+
+
+def test_resume_before_the_conversion_converts_at_its_epoch(lowrank_full, tmp_path):
+    _, full = lowrank_full
+    stopped = _run(tmp_path / "stop0", "lowrank", "stop0")
+    assert not stopped[0]["converted"] and stopped[0]["types"]["hidden"] == "Linear"
+    resumed = _run(tmp_path / "resume0", "lowrank", "resume0")
+    assert resumed[0]["converted"] and resumed[0]["hash"] == resumed[1]["hash"] == full[0]["hash"]
+
+
+def test_two_phase_function_under_the_ddp_launcher(tmp_path):
+    ranks = _run(tmp_path / "two", "lowrank", "two_phase")
+    assert ranks[0]["hash"] == ranks[1]["hash"] and ranks[0]["types"]["hidden"] == "LowRankLinear"
 
 
 def test_bf16_mixed_under_ddp_converts_and_trains(tmp_path):
