@@ -452,7 +452,8 @@ def multirun_summary(jobs: Sequence[tuple[list[str], dict[str, float], str, str 
         return ""
     common = set(jobs[0][0]).intersection(*(set(j[0]) for j in jobs[1:]))
     opt = next((j[3] for j in jobs if j[3]), None)
-    keys = [k for k in (opt, "val/acc", "val/acc_best", "test/acc") if k and any(k in j[1] for j in jobs)]
+    wanted = (opt, "val/acc", "val/acc_best", "test/acc", "force/total_rank_fraction@0.95")  # accuracy vs rank
+    keys = [k for k in wanted if k and any(k in j[1] for j in jobs)]
     keys = list(dict.fromkeys(keys))
     rows = [["job", "overrides", *keys, "run dir"]]
     for i, (overrides, metrics, run_dir, _) in enumerate(jobs):

@@ -83,7 +83,7 @@ def main(out: Path, method: str, mode: str, precision: str) -> None:
     trainer = pl.Trainer(
         strategy="ddp", accelerator="cpu", devices=2, max_epochs=3, precision=precision, logger=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
-        default_root_dir=out,
+        default_root_dir=out, gradient_clip_val=0.5,  # clipping works on the new optimizers' parameters
     )  # fmt: skip
     trainer.callbacks.extend(callbacks)
     model = UserNet()
