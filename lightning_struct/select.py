@@ -180,6 +180,22 @@ def weight_parameter(module: nn.Module, name: str = "weight") -> torch.nn.Parame
     raise TypeError(f"{type(module).__name__} has no trainable parameter {name!r}")
 
 
+def exclude_ends(
+    model: nn.Module, include: str | Sequence[str] | None, exclude: str | Sequence[str] | None
+) -> tuple[list[str], list[str]]:
+    """``exclude`` plus, when ``include`` is not given, the first conv (the stem) and the last ``Linear``.
+
+    The default of every callback and of ``convert`` that picks layers by type (as Wen et al. left
+    the first and last layers alone). Returns ``(exclude patterns, the names added)``.
+    """
+    patterns = _as_list(exclude) or []
+    if include is not None:
+        return patterns, []
+    first, last = first_and_last(model, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    added = [n for n in (first, last) if n is not None and n not in patterns]
+    return patterns + added, added
+
+
 def first_and_last(model: nn.Module, types: Sequence[type]) -> tuple[str | None, str | None]:
     """Names of the first layer of ``types`` and of the last ``nn.Linear`` (the classifier)."""
     first = next((n for n, m in model.named_modules() if n and isinstance(m, tuple(types))), None)

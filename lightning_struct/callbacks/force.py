@@ -61,7 +61,7 @@ from lightning_struct.ops.force import (
     mean_pairwise_cosine,
     weights_overflow_safe,
 )
-from lightning_struct.select import first_and_last, resolve_types, select_layers, weight_parameter
+from lightning_struct.select import exclude_ends, resolve_types, select_layers, weight_parameter
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,6 @@ SCHEDULE_KINDS: tuple[str, ...] = ("constant", "warmup", "linear", "cosine", "st
 
 #: layer types the force understands: weight ``(N, ...)`` with one filter per output unit
 SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,10 +320,7 @@ class ForceRegularization(Callback):
     # ------------------------------------------------------------------ selection
     def select(self, model: nn.Module) -> list[_Layer]:
         """Resolve the layers of ``model`` this callback regularizes (also used at fit start)."""
-        exclude = [self.exclude] if isinstance(self.exclude, str) else list(self.exclude or [])
-        if self.include is None:
-            first, last = first_and_last(model, CONV_TYPES)
-            exclude += [n for n in (first, last) if n is not None]
+        exclude, _ = exclude_ends(model, self.include, self.exclude)
         chosen = select_layers(
             model,
             self.types,

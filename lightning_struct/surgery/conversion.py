@@ -21,7 +21,7 @@ from lightning_struct.nn.acdc import ACDC, ACDCConv1x1, ACDCStack
 from lightning_struct.nn.lowrank import LowRankConv2d, LowRankLinear
 from lightning_struct.nn.tied import TiedBottleneck, TiedMLP
 from lightning_struct.nn.utils import eval_mode
-from lightning_struct.select import first_and_last, resolve_types, select_layers
+from lightning_struct.select import exclude_ends, resolve_types, select_layers
 from lightning_struct.surgery import spec as specmod
 from lightning_struct.surgery._context import Context
 from lightning_struct.surgery.acdc import acdc_support, convert_acdc
@@ -44,12 +44,6 @@ _CONVERTERS: dict[str, Callable[[Context], None]] = {
     "acdc": convert_acdc,
     "tied": convert_tied,
 }
-
-
-def _as_list(globs: str | Sequence[str] | None) -> list[str]:
-    if globs is None:
-        return []
-    return [globs] if isinstance(globs, str) else list(globs)
 
 
 def _default_types(method: str) -> tuple[type, ...]:
@@ -93,16 +87,10 @@ def select_candidates(
     opts = _options(method, options)
     where = f"convert(method={opts.method!r})"
     layer_types = resolve_types(opts.types, _default_types(opts.method))
-    exclude = _as_list(opts.exclude)
-    if opts.include is None:  # the stem and the classifier stay dense unless named, as for the force
-        first, last = first_and_last(model, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-        ends = [n for n in (first, last) if n is not None and n not in exclude]
-        if ends:
-            log.info("%s: leaving the first conv and the classifier dense by default (%s); name them in include= to convert them", where, ", ".join(ends))
-        selected = select_layers(model, layer_types, None, exclude or None, what=where)
-        selected = [(n, m) for n, m in selected if n not in ends]
-    else:
-        selected = select_layers(model, layer_types, opts.include, opts.exclude, what=where)
+    exclude, ends = exclude_ends(model, opts.include, opts.exclude)  # stem and classifier, as the force
+    if ends:
+        log.info("%s: leaving the first conv and the classifier dense by default (%s); name them in include= to convert them", where, ", ".join(ends))
+    selected = select_layers(model, layer_types, opts.include, exclude or None, what=where)
     inside = [n for n, m in model.named_modules() if n and isinstance(m, CONVERTED_TYPES)]
     candidates = [
         (n, m)
