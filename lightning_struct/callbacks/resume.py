@@ -38,7 +38,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Interruption", "Resumable"]
+__all__ = ["Interruption", "Resumable", "last_checkpoint_path"]
 
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -81,6 +81,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def last_checkpoint_path(trainer: pl.Trainer) -> Path:
+    """Where ``last.ckpt`` goes: the ``ModelCheckpoint`` directory, else ``<default_root_dir>/checkpoints``."""
+    ckpt = trainer.checkpoint_callback
+    if isinstance(ckpt, ModelCheckpoint) and ckpt.dirpath:
+        return Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
+    return Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
 
 
 class Resumable(Callback):
@@ -152,10 +160,7 @@ class Resumable(Callback):
 
     @staticmethod
     def _checkpoint_path(trainer: pl.Trainer) -> Path:
-        ckpt = trainer.checkpoint_callback
-        if isinstance(ckpt, ModelCheckpoint) and ckpt.dirpath:
-            return Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
-        return Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        return last_checkpoint_path(trainer)
 
     # ------------------------------------------------------------------ random streams
     def state_dict(self) -> dict[str, Any]:

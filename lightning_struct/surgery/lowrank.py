@@ -143,15 +143,15 @@ def convert_lowrank(ctx: Context) -> None:
             row.status = p.reason
             continue
         assert p.rank is not None
+        params_after = lowrank_cost(m, p.scheme, p.rank, shape, "params")
+        flops_after = lowrank_cost(m, p.scheme, p.rank, shape, "flops")
         dense = dense_cost(m, shape, cost_on)
-        fact = lowrank_cost(m, p.scheme, p.rank, shape, cost_on)
+        fact = params_after if cost_on == "params" else flops_after
         if dense is not None and fact is not None and fact >= dense:
             row.status = "kept dense: factorized cost not lower"
             row.detail = {"rank": p.rank}
             continue
-        why = ctx.not_worth_it(
-            row, lowrank_cost(m, p.scheme, p.rank, shape, "params"), lowrank_cost(m, p.scheme, p.rank, shape, "flops")
-        )
+        why = ctx.not_worth_it(row, params_after, flops_after)
         if why is not None:
             row.status = why
             row.detail = {"rank": p.rank}
@@ -164,7 +164,7 @@ def convert_lowrank(ctx: Context) -> None:
         row.kind = spec["kind"]
         row.detail = {"scheme": p.scheme, "rank": p.rank}
         row.params_after = sum(q.numel() for q in new.parameters())
-        row.flops_after = lowrank_cost(m, p.scheme, p.rank, shape, "flops")
+        row.flops_after = flops_after
         with torch.no_grad():
             row.weight_rel_error = rel_err(new.dense_weight(), m.weight)  # type: ignore[operator]
         ctx.new_modules.append((p.name, new, spec))
