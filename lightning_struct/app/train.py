@@ -376,6 +376,9 @@ def _print_summary(trainer: Any, metrics: dict[str, float]) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
+    from lightning_struct.callbacks._log import run_dir
+    from lightning_struct.callbacks.resume import last_checkpoint_path
+
     if trainer.global_rank != 0:
         return
     lines = []
@@ -384,13 +387,13 @@ def _print_summary(trainer: Any, metrics: dict[str, float]) -> None:
         if ckpt.best_model_path:
             lines.append(f"best checkpoint : {ckpt.best_model_path}")
         last = ckpt.last_model_path
-        if not last and ckpt.save_last and ckpt.dirpath:  # ddp_spawn: the workers' paths do not come back
-            candidate = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
+        if not last and ckpt.save_last:  # ddp_spawn: the workers' paths do not come back
+            candidate = last_checkpoint_path(trainer)
             last = str(candidate) if candidate.is_file() else ""
         if last:
             lines.append(f"last checkpoint : {last}")
     lines.append(f"run directory   : {trainer.default_root_dir}")
-    spectra = Path(trainer.default_root_dir) / "spectra"
+    spectra = Path(run_dir(trainer)) / "spectra"  # where SpectralMonitor writes its PNGs
     if spectra.is_dir() and any(spectra.glob("*.png")):
         lines.append(f"spectra plots   : {spectra}")
     for lg in trainer.loggers:
@@ -486,7 +489,8 @@ def _unknown_key(args: Sequence[str]) -> str | None:
     """A message for ``a.b=value`` naming no config key, with the close matches among its siblings.
 
     Hydra's own message ("Key 'max_epoch' is not in struct") names neither the alternatives nor
-    the spelling that was meant; the overrides are composed once here (no job runs) to find out.
+    the spelling that was meant; after Hydra has failed, the overrides are composed once more here
+    (no job runs) to find out.
     """
     import difflib
 
@@ -531,15 +535,26 @@ def _unknown_key(args: Sequence[str]) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry (``lightning-struct train ...``): Hydra parses ``argv`` itself."""
     args = list(sys.argv[1:] if argv is None else argv)
-    bad = _unknown_recipe(args) or _unknown_key(args)
+    bad = _unknown_recipe(args)
     if bad is not None:
         print(bad, file=sys.stderr)
         return 2
     saved = sys.argv
     sys.argv = ["lightning-struct-train", *args]
     _JOBS.clear()
+    from hydra.errors import ConfigCompositionException
+
     try:
         hydra_app()
+    except (SystemExit, ConfigCompositionException) as failure:
+        # Hydra failed (it exits 1, or re-raises with HYDRA_FULL_ERROR=1): when a key is misspelt,
+        # name the keys meant. The diagnosis composes the config once more, so it runs only here
+        # and not on every start.
+        hint = None if isinstance(failure, SystemExit) and failure.code != 1 else _unknown_key(args)
+        if hint is None:
+            raise
+        print(hint, file=sys.stderr)
+        return 2
     finally:
         sys.argv = saved
     if len(_JOBS) > 1 or (_JOBS and any(a in ("-m", "--multirun") for a in args)):
