@@ -46,18 +46,18 @@ class _KeepingWriter(ExperimentWriter):
     def save(self) -> None:
         if not self.metrics:
             return
-        on_disk = self._header_on_disk()
+        on_disk = self._header_on_disk()  # [] when there is no file yet
         keys = sorted(set(on_disk) | set(self.metrics_keys) | set().union(*self.metrics))
         self.metrics_keys = keys
-        exists = self._fs.isfile(self.metrics_file_path)
-        if exists and keys != on_disk:  # widen the header, keeping every row already written
-            with self._fs.open(self.metrics_file_path, "r", newline="") as fh:
-                rows = list(csv.DictReader(fh))
-        if not exists or keys != on_disk:
+        if keys != on_disk:  # a new file or new columns: write the header, keeping every row already written
+            rows: list[dict[str, str]] = []
+            if on_disk:
+                with self._fs.open(self.metrics_file_path, "r", newline="") as fh:
+                    rows = list(csv.DictReader(fh))
             with self._fs.open(self.metrics_file_path, "w", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=keys)
                 writer.writeheader()
-                writer.writerows(rows if exists else [])
+                writer.writerows(rows)
         with self._fs.open(self.metrics_file_path, "a", newline="") as fh:
             csv.DictWriter(fh, fieldnames=keys).writerows(self.metrics)
         self.metrics = []

@@ -58,6 +58,8 @@ class ResumableLoader(DataLoader):
     """
 
     def __init__(self, dataset: Dataset, batch_size: int = 1, shuffle: bool = False, seed: int = 0, **kwargs: Any) -> None:
+        # attributes named as the arguments: Lightning re-creates the loader from them when it
+        # injects a DistributedSampler
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
         if shuffle and kwargs.get("sampler") is None and kwargs.get("batch_sampler") is None:
