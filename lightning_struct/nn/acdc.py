@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from lightning_struct._checks import check_int, check_number
 from lightning_struct.ops.acdc import acdc_dense_matrix, acdc_stack, prepare_permutations
+from lightning_struct.ops.dct import dct_matrix
+from lightning_struct.ops.portable import acdc_stack_portable, is_tracing
 
 __all__ = ["ACDC", "ACDCConv1x1", "ACDCStack"]
 
@@ -111,6 +113,7 @@ class ACDCStack(nn.Module):
             self.register_buffer("permutations", None)
         self._prepared_key: tuple[Any, ...] | None = None
         self._prepared: tuple[Tensor, Tensor] | None = None
+        self._export_dct: Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -139,19 +142,35 @@ class ACDCStack(nn.Module):
             )
         if self.in_features < self.size:
             x = F.pad(x, (0, self.size - self.in_features))
-        y = acdc_stack(
-            x,
-            self.a,
-            self.d,
-            self.a_bias,
-            self.d_bias,
-            self.permutations,
-            self.relu,
-            prepared=self._prepared_permutations(),
-        )
+        y = self._apply_stack(x, self.a, self.d, self.a_bias, self.d_bias)
         if self.out_features < self.size:
             y = y[..., : self.out_features]
         return y
+
+    def _apply_stack(
+        self, x: Tensor, a: Tensor, d: Tensor, a_bias: Tensor | None, d_bias: Tensor | None
+    ) -> Tensor:
+        if is_tracing():  # plain ops a tracer can follow (see lightning_struct.ops.portable)
+            return acdc_stack_portable(
+                x, a, d, a_bias, d_bias, self.permutations, self.relu, dct_matrix=self._export_dct
+            )
+        return acdc_stack(
+            x, a, d, a_bias, d_bias, self.permutations, self.relu, prepared=self._prepared_permutations()
+        )
+
+    @property
+    def export_dct(self) -> str:
+        """How a traced/exported graph computes the DCTs: ``"fft"`` (default) or ``"matmul"``."""
+        return "fft" if self._export_dct is None else "matmul"
+
+    @export_dct.setter
+    def export_dct(self, value: str) -> None:
+        if value not in ("fft", "matmul"):
+            raise ValueError(f"{type(self).__name__}.export_dct={value!r}; allowed: 'fft', 'matmul'")
+        if value == "fft":
+            self._export_dct = None
+        else:  # a plain attribute (not a buffer): it never enters the state dict
+            self._export_dct = dct_matrix(self.size, dtype=self.a.dtype, device=self.a.device)
 
     def _require_linear(self, what: str) -> None:
         if self.relu and self.n_factors > 1:
@@ -240,6 +259,7 @@ class ACDC(ACDCStack):
         self.register_buffer("permutations", None)
         self._prepared_key = None
         self._prepared = None
+        self._export_dct = None
         self.reset_parameters()
 
     @property
@@ -251,7 +271,7 @@ class ACDC(ACDCStack):
             raise ValueError(f"ACDC: expected input (..., {self.size}), got {tuple(x.shape)}")
         ab = self.a_bias[None] if self.a_bias is not None else None
         db = self.d_bias[None] if self.d_bias is not None else None
-        return acdc_stack(x, self.a[None], self.d[None], ab, db)
+        return self._apply_stack(x, self.a[None], self.d[None], ab, db)
 
     @torch.no_grad()
     def dense_matrix(self) -> Tensor:

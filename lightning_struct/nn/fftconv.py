@@ -34,6 +34,7 @@ from torch.nn.utils import parametrize
 
 from lightning_struct._checks import check_bool
 from lightning_struct.ops.fftconv import KernelSpectrum, fft_conv1d, fft_conv2d, kernel_spectrum
+from lightning_struct.ops.portable import fft_conv_portable, is_tracing
 
 __all__ = [
     "FFTConvNd",
@@ -156,6 +157,8 @@ class FFTConvNd:
 
     def _fft_conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         conv: Any = self
+        if is_tracing():
+            return self._portable_forward(input, weight, bias)
         fn: Callable[..., Tensor] = fft_conv2d if self._nd == 2 else fft_conv1d
         if conv.padding_mode in ("zeros", "circular"):
             x, padding, mode = input, conv.padding, conv.padding_mode
@@ -174,6 +177,18 @@ class FFTConvNd:
             padding_mode=mode,
             spectrum=spec,
         )
+
+    def _portable_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """Under a tracer: pad explicitly, then FFT on the padded input's grid (no cache, any size)."""
+        conv: Any = self
+        batched = input.dim() == self._nd + 2
+        x = input if batched else input.unsqueeze(0)
+        pads = conv._reversed_padding_repeated_twice
+        if any(pads):
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x = F.pad(x, pads, mode=mode)
+        y = fft_conv_portable(x, weight, bias, tuple(conv.stride), tuple(conv.dilation), conv.groups)
+        return y if batched else y.squeeze(0)
 
     def __init__(self, *args: Any, cache_spectrum: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
