@@ -10,6 +10,7 @@ Public API (imported lazily, so ``import lightning_struct`` stays cheap):
 * :func:`convert`, :func:`load_converted`, :func:`fold_back`, :func:`save_converted`,
   :func:`restore_structure`, :class:`ConversionOptions` - model surgery outside a Trainer
 * :func:`fit_convert_finetune` - fit, convert, fine-tune with a fresh Trainer (every strategy)
+* :func:`export` - ONNX / ExportedProgram / TorchScript of any (converted) network, checked against eager
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "restore_structure": "lightning_struct.surgery",
     "ConversionOptions": "lightning_struct.surgery",
     "fit_convert_finetune": "lightning_struct.callbacks.two_phase",
+    "export": "lightning_struct.deploy",
     "ImageClassifier": "lightning_struct.models",
     "DigitsDataModule": "lightning_struct.data",
     "ImageFolderDataModule": "lightning_struct.data",
@@ -52,6 +54,7 @@ __all__ = [
     "StructuredConversion",
     "__version__",
     "convert",
+    "export",
     "fit_convert_finetune",
     "fold_back",
     "load_converted",
@@ -68,6 +71,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightning_struct.callbacks.two_phase import fit_convert_finetune
     from lightning_struct.data import DigitsDataModule, ImageFolderDataModule
     from lightning_struct.data.loader import ResumableLoader
+    from lightning_struct.deploy import export
     from lightning_struct.models import ImageClassifier
     from lightning_struct.surgery import (
         ConversionOptions,

@@ -4,6 +4,7 @@ Subcommands::
 
     lightning-struct train   [hydra overrides ...]   # Hydra app: -m, --cfg job, --info all work
     lightning-struct spectra [key=value ...]         # per-layer spectra of a checkpoint / named model
+    lightning-struct export  ckpt=... [format=onnx] [key=value ...]   # deploy a (converted) checkpoint
     lightning-struct bench NAME [--quick] [--json PATH]
 """
 
@@ -17,6 +18,7 @@ from collections.abc import Callable, Sequence
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("lightning_struct.app.train", "main", "train a model from Hydra configs/recipes"),
     "spectra": ("lightning_struct.app.spectra", "main", "exact conv spectra of a checkpoint or model"),
+    "export": ("lightning_struct.app.export", "main", "a checkpoint as ONNX / ExportedProgram / TorchScript, checked"),
     "bench": ("lightning_struct.bench", "main", "benchmarks with ratios against their baselines"),
 }
 

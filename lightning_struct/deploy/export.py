@@ -268,6 +268,8 @@ def export(
     path = Path(path)
     work = copy.deepcopy(model).cpu().eval()
     x = example_input.detach().cpu()
+    # tracers specialise a size-1 dimension to 1; trace a batch of two so the batch stays dynamic
+    x_trace = x.repeat(2, *([1] * (x.ndim - 1))) if x.ndim and x.shape[0] == 1 else x
     folded: dict[str, list[str]] = {}
     if "fft" in folds:
         folded["fft"] = foldmod.fold_fft(work)
@@ -286,7 +288,7 @@ def export(
             for how in ("fft", "matmul"):
                 _set_acdc_dct(work, how)
                 p = tmpdir / f"{how}{SUFFIX[format]}"
-                candidates[how] = (p, _write(work, x, p, format, opset))
+                candidates[how] = (p, _write(work, x_trace, p, format, opset))
                 run = load_runner(p, format)
                 timings[how] = time_call(lambda run=run: run(x), repeats=20, budget_s=3.0)
             choice = min(timings, key=timings.__getitem__)
@@ -296,7 +298,7 @@ def export(
             if choice is not None:
                 _set_acdc_dct(work, choice)
             tmp = tmpdir / f"model{SUFFIX[format]}"
-            dynamic = _write(work, x, tmp, format, opset)
+            dynamic = _write(work, x_trace, tmp, format, opset)
         checks, dynamic = _check(work, tmp, format, x, dynamic, rtol, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(tmp), str(path))

@@ -22,6 +22,7 @@ from torch import nn
 from lightning_struct.nn.acdc import ACDCConv1x1, ACDCStack
 from lightning_struct.nn.fftconv import FFTConvNd
 from lightning_struct.nn.lowrank import LowRankConv2d, LowRankLinear
+from lightning_struct.nn.tied import TiedBottleneck, TiedMLP
 from lightning_struct.nn.utils import set_submodule
 
 __all__ = ["DENSE_FOLDABLE", "fold_batchnorm", "fold_dense", "fold_fft", "to_dense"]
@@ -29,6 +30,7 @@ __all__ = ["DENSE_FOLDABLE", "fold_batchnorm", "fold_dense", "fold_fft", "to_den
 _CONVS = (nn.Conv1d, nn.Conv2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 DENSE_FOLDABLE = (LowRankConv2d, LowRankLinear, ACDCStack, ACDCConv1x1)
+_OURS = (*DENSE_FOLDABLE, FFTConvNd, TiedBottleneck, TiedMLP)
 
 
 def fold_fft(model: nn.Module) -> list[str]:
@@ -43,7 +45,7 @@ def _last_conv(module: nn.Module) -> nn.Module | None:
     if isinstance(module, _CONVS) and not isinstance(module, FFTConvNd):
         return module
     if isinstance(module, LowRankConv2d):
-        return module.factors()[-1]
+        return module.factors[-1]
     return None
 
 
@@ -64,6 +66,13 @@ def _fold_into(conv: nn.Module, bn: nn.Module) -> None:
     conv.bias.mul_(scale.to(w.dtype)).add_(shift.to(w.dtype))  # type: ignore[union-attr]
 
 
+class _Tracer(torch.fx.Tracer):
+    """Our layers stay single nodes (``call_module``), so a BN after a LowRankConv2d is seen as such."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _OURS) or super().is_leaf_module(m, module_qualified_name)
+
+
 def fold_batchnorm(model: nn.Module) -> list[str]:
     """Fold each eval-mode BatchNorm whose only input is a conv's output into that conv.
 
@@ -72,7 +81,7 @@ def fold_batchnorm(model: nn.Module) -> list[str]:
     if model.training:
         raise ValueError("fold_batchnorm: call model.eval() first (training BatchNorm uses batch statistics)")
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _Tracer().trace(model)
     except Exception:  # noqa: BLE001 - any tracing failure just means "no pattern search"
         return []
     folded: list[str] = []

@@ -313,7 +313,7 @@ class ACDCConv1x1(nn.Module):
                 f"ACDCConv1x1: expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
         if self.stride > 1:
-            x = x[:, :, :: self.stride, :: self.stride]
+            x = x[:, :, :: self.stride, :: self.stride].contiguous()
         return self.stack(x.movedim(1, -1)).movedim(-1, 1)
 
     @torch.no_grad()
