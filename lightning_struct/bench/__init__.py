@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, str] = {
     "convert": "ResNet-50 inference, dense vs low-rank",
     "acdc": "ACDC stack vs dense Linear vs torch-dct ACDC",
     "fftconv": "FFT convolution vs F.conv2d vs fft-conv-pytorch",
+    "deploy": "dense vs converted after export: eager, torch.compile, onnxruntime",
 }
 
 __all__ = ["BENCHMARKS", "Row", "emit", "environment", "format_table", "main", "median_time"]

@@ -3,7 +3,8 @@
 Steps, on a deep copy of the model in eval mode (the caller's model is never changed):
 
 1. fold (``fold=``): ``"fft"`` FFT convolutions to the ``Conv2d`` they are, ``"batchnorm"`` BN into
-   the preceding conv, ``"lowrank"`` every low-rank / ReLU-free ACDC layer back to dense;
+   the preceding conv, ``"lowrank"`` every low-rank / ReLU-free ACDC layer back to dense,
+   ``"slower"`` only those that time slower than dense in the target runtime;
 2. trace with every input dimension marked ``Dim.AUTO``: the batch and spatial (or sequence)
    sizes stay dynamic wherever the network allows it, the rest is specialised by the tracer;
 3. for ONNX with ACDC layers and ``acdc_dct="auto"``: export once with FFT DCTs (the ONNX ``DFT``
@@ -40,7 +41,7 @@ from lightning_struct.nn.acdc import ACDCStack
 __all__ = ["FOLDS", "FORMATS", "ExportMismatchError", "ExportResult", "export", "fresh_shapes"]
 
 FORMATS = ("onnx", "exported_program", "torchscript")
-FOLDS = ("fft", "batchnorm", "lowrank")
+FOLDS = ("fft", "batchnorm", "lowrank", "slower")
 DEFAULT_FOLD = ("fft", "batchnorm")
 SUFFIX = {"onnx": ".onnx", "exported_program": ".pt2", "torchscript": ".pt"}
 
@@ -247,7 +248,9 @@ def export(
         format: ``"onnx"`` (torch's dynamo exporter, run in onnxruntime for the check),
             ``"exported_program"`` (``torch.export.save``) or ``"torchscript"`` (``jit.trace``).
         fold: what to fold before exporting (see :mod:`.fold`): any of ``"fft"``, ``"batchnorm"``,
-            ``"lowrank"``; ``True`` = ``("fft", "batchnorm")`` (the default), ``False`` = nothing.
+            ``"lowrank"`` (every converted layer that has a dense form), ``"slower"`` (only those
+            that time slower than their dense form in the target runtime: onnxruntime for ONNX,
+            eager otherwise); ``True`` = ``("fft", "batchnorm")`` (the default), ``False`` = nothing.
         acdc_dct: ``"fft"``, ``"matmul"`` or ``"auto"`` (ONNX: the faster of the two in onnxruntime;
             other formats: ``"fft"``).
         rtol: largest accepted ``max|y - y_eager| / max|y_eager|`` on every checked input.
@@ -276,6 +279,9 @@ def export(
     if "lowrank" in folds:
         names = [n for n, m in work.named_modules() if isinstance(m, foldmod.DENSE_FOLDABLE)]
         folded["lowrank"] = foldmod.fold_dense(work, names)
+    elif "slower" in folds:
+        runtime = "onnxruntime" if format == "onnx" else "eager"
+        folded["slower"] = foldmod.fold_slower(work, x, runtime)
     if "batchnorm" in folds:
         folded["batchnorm"] = foldmod.fold_batchnorm(work)
     has_acdc = any(isinstance(m, ACDCStack) for m in work.modules())

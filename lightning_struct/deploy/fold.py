@@ -5,7 +5,9 @@
   or the last factor of a :class:`~lightning_struct.nn.LowRankConv2d`) is folded into that conv's
   weight and bias and replaced by ``nn.Identity`` (eval-mode statistics; exact up to rounding).
 * :func:`fold_dense` - converted layers back to the dense layer they compute (low-rank always;
-  ACDC only when ReLU-free), for the layers a measurement found slower than dense.
+  ACDC only when ReLU-free).
+* :func:`fold_slower` - the same for only the layers that time slower than their dense form
+  on their real input shape in a given runtime.
 
 All of them work in place on an eval-mode model and return the names they changed. The pattern
 search of :func:`fold_batchnorm` reads the model's ``torch.fx`` graph; a model fx cannot trace
@@ -15,6 +17,7 @@ simply keeps its BatchNorms (runtimes such as onnxruntime fuse Conv+BatchNormali
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +28,7 @@ from lightning_struct.nn.lowrank import LowRankConv2d, LowRankLinear
 from lightning_struct.nn.tied import TiedBottleneck, TiedMLP
 from lightning_struct.nn.utils import set_submodule
 
-__all__ = ["DENSE_FOLDABLE", "fold_batchnorm", "fold_dense", "fold_fft", "to_dense"]
+__all__ = ["DENSE_FOLDABLE", "fold_batchnorm", "fold_dense", "fold_fft", "fold_slower", "to_dense"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -121,3 +124,36 @@ def fold_dense(model: nn.Module, names: Iterable[str]) -> list[str]:
             set_submodule(model, name, dense)
             done.append(name)
     return done
+
+
+def fold_slower(model: nn.Module, example_input: torch.Tensor, runtime: str = "eager") -> list[str]:
+    """Fold back the converted layers that are slower than their dense form in ``runtime``.
+
+    Each layer is timed alone on the input shape it sees when ``model`` runs ``example_input``
+    (:func:`lightning_struct.deploy.runtime.time_modules`). Returns the folded names.
+    """
+    from lightning_struct.deploy.runtime import time_modules
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, DENSE_FOLDABLE) and to_dense(m) is not None]
+    shapes: dict[str, tuple[int, ...]] = {}
+    def recorder(name: str) -> Any:
+        def record(_m: nn.Module, args: tuple[Any, ...]) -> None:  # returns None: the inputs pass unchanged
+            shapes.setdefault(name, tuple(args[0].shape))
+
+        return record
+
+    handles = [m.register_forward_pre_hook(recorder(n)) for n, m in layers]
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    slower = []
+    for name, m in layers:
+        if name not in shapes:
+            continue
+        t = time_modules({"converted": m, "dense": to_dense(m)}, shapes[name], runtime)  # type: ignore[dict-item]
+        if t["dense"] <= t["converted"]:
+            slower.append(name)
+    return fold_dense(model, slower)

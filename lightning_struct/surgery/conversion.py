@@ -157,6 +157,10 @@ def convert(
 
     ctx = Context(opts, candidates, _exact_names(opts.include), seen, have_data)
     _CONVERTERS[opts.method](ctx)
+    if opts.speed_check is not None:
+        if not batches:
+            raise ValueError(f"convert: speed_check={opts.speed_check!r} needs input shapes: give calibration= or input_size=")
+        _keep_only_faster(model, ctx, batches[0])
     if have_data:
         _output_errors(ctx)
 
@@ -185,6 +189,48 @@ def convert(
         )
     log.debug("%s", report)
     return report
+
+
+def _keep_only_faster(model: nn.Module, ctx: Context, batch: torch.Tensor) -> None:
+    """Drop every planned replacement that does not time faster than its dense layer (``speed_check``)."""
+    from lightning_struct.deploy.runtime import time_modules
+
+    names = [n for n, _, _ in ctx.new_modules]
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def hook(name: str) -> Any:
+        def record(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                shapes.setdefault(name, tuple(args[0].shape[1:]))
+
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(batch[:1].to(device_of(model)))
+    finally:
+        for h in handles:
+            h.remove()
+    rows = {r.name: r for r in ctx.rows}
+    runtime, keep = ctx.options.speed_check, []
+    for name, new, entry in ctx.new_modules:
+        shape = shapes.get(name)
+        if shape is None:  # the forward never reached it: nothing to time, nothing to decide
+            keep.append((name, new, entry))
+            continue
+        dense = model.get_submodule(name)
+        t = time_modules({"dense": dense, "new": new}, (ctx.options.speed_batch, *shape), runtime)  # type: ignore[arg-type]
+        row = rows.get(name)
+        if row is not None:
+            row.detail = {**(row.detail or {}), "dense_ms": t["dense"] * 1e3, "converted_ms": t["new"] * 1e3}
+        if t["new"] < t["dense"]:
+            keep.append((name, new, entry))
+        elif row is not None:
+            row.status = f"kept dense: slower in {runtime} ({t['new'] * 1e3:.3f} ms vs {t['dense'] * 1e3:.3f} ms dense)"
+            row.kind = "dense"
+            row.params_after, row.flops_after = row.params_before, row.flops_before
+    ctx.new_modules = keep
 
 
 def _output_errors(ctx: Context) -> None:

@@ -29,6 +29,8 @@ METHODS: tuple[str, ...] = ("lowrank", "acdc", "tied")
 #: the low-rank rank rules; exactly one is given for ``method="lowrank"``
 RANK_RULES: tuple[str, ...] = ("energy", "ratio", "rank", "budget")
 BUDGET_ON: tuple[str, ...] = ("params", "flops")
+#: runtimes a planned replacement can be timed in (``speed_check``)
+SPEED_CHECKS: tuple[str, ...] = ("eager", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,12 @@ class ConversionOptions:
         tied_staged: tied: one shared ``W`` per stage (the tieable blocks under one parent
             module, e.g. ``layer3``) instead of one per block (Koyun & Toreyin's staged sharing).
         seed: seed of the ACDC permutations and of the fit's mini-batch sampling.
+        speed_check: ``None`` (default), ``"eager"`` or ``"onnxruntime"``: time every planned
+            replacement against its dense layer on the layer's input shape in that runtime
+            (``lightning_struct.deploy.runtime.time_modules``, the measurement ``bench deploy``
+            and ``export(fold="slower")`` use) and keep the dense layer when the replacement
+            is not faster. Needs input shapes (a calibration or ``input_size``).
+        speed_batch: the batch size of those timings (default 1).
 
     Raises:
         ValueError / TypeError: at construction, naming the key, the value and what is allowed.
@@ -93,6 +101,8 @@ class ConversionOptions:
     acdc_lr: float = 1e-2
     tied_staged: bool = False
     seed: int = 0
+    speed_check: str | None = None
+    speed_batch: int = 1
 
     def __post_init__(self) -> None:
         where = f"convert(method={self.method!r})"
@@ -137,6 +147,9 @@ class ConversionOptions:
         check_number(self.acdc_lr, "acdc_lr", where, minimum=0.0, open_min=True)
         check_bool(self.tied_staged, "tied_staged", where)
         check_int(self.seed, "seed", where)
+        if self.speed_check is not None:
+            check_choice(self.speed_check, "speed_check", SPEED_CHECKS, where)
+        check_int(self.speed_batch, "speed_batch", where, minimum=1)
 
     # ------------------------------------------------------------------------------ building
     @classmethod
