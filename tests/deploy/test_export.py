@@ -272,3 +272,23 @@ def test_export_rejects_bad_arguments(tmp_path):
         export(nn.Linear(2, 2), torch.randn(1, 2), tmp_path / "x", "tflite")
     with pytest.raises(ValueError, match="fold"):
         export(nn.Linear(2, 2), torch.randn(1, 2), tmp_path / "x", "torchscript", fold="everything")
+
+
+def test_a_warm_spectrum_cache_never_leaks_its_shape_into_a_trace(tmp_path):
+    """Eval-mode FFT convs cache the kernel spectrum per input size; traces ignore it."""
+    torch.manual_seed(0)
+    fft = FFTConv2d(3, 4, 5, padding=2).eval()
+    x, x2 = torch.randn(2, 3, 12, 12), torch.randn(3, 3, 9, 13)
+    with torch.no_grad():
+        fft(x)  # the cache now holds the 12x12 spectrum
+    assert fft._spectrum_cache is not None
+    ref = F.conv2d(x2, fft.weight, fft.bias, padding=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(fft, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO},))
+        traced = torch.jit.trace(fft, (x,), check_trace=False)
+    with torch.no_grad():
+        assert _rel(ep.module()(x2), ref) <= RTOL
+        assert _rel(traced(x2), ref) <= RTOL
+    res = export(fft, x, tmp_path / "f.pt", "torchscript", fold=False)
+    assert res.max_rel_error <= RTOL and res.dynamic_dims == [0, 2, 3]
