@@ -252,6 +252,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(str(ckpt_path)).is_file():
         # before the data and model are built: a typo must not cost the set-up time
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such checkpoint file (give a path to a .ckpt, e.g. <run>/checkpoints/last.ckpt)")
+    _check_export_section(cfg.get("export"))
+    init_ckpt = cfg.get("init_ckpt")
+    if init_ckpt and not Path(str(init_ckpt)).is_file():
+        raise FileNotFoundError(
+            f"init_ckpt={init_ckpt!r}: no such file (a lightning-struct or Lightning checkpoint, or a state dict)"
+        )
     _one_log_path()
     _set_cpu_threads(cfg)
     if cfg.get("seed") is not None:
@@ -268,6 +274,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
+    if init_ckpt:  # weights only (ckpt_path= resumes a whole run instead)
+        from lightning_struct.models.init import load_init_weights
+
+        print(load_init_weights(model, str(init_ckpt), strict=bool(cfg.get("init_strict", True))), flush=True)
     loggers = _instantiate_group(cfg.get("logger"), "logger")
 
     def build_callbacks(callbacks_cfg: Any) -> list[Any]:
@@ -320,7 +330,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics.update(
                 {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/") and torch.is_tensor(v)}
             )
-        _print_summary(trainer, metrics)
+        exported = _export_final(cfg, model, datamodule, trainer, metrics)
+        _print_summary(trainer, metrics, exported)
     finally:
         for lg in loggers:
             if isinstance(lg, WandbLogger):
@@ -371,7 +382,62 @@ def _exit_interrupted(trainer: Any) -> None:
     raise SystemExit(stop.exit_code)
 
 
-def _print_summary(trainer: Any, metrics: dict[str, float]) -> None:
+EXPORT_KEYS = ("format", "fold", "rtol", "evaluate", "batch")
+
+
+def _check_export_section(section: Any) -> None:
+    """Before anything is built: a typo in ``export:`` must not cost a training run."""
+    if not section:
+        return
+    from lightning_struct._checks import check_choice, check_unknown
+    from lightning_struct.deploy.export import FOLDS, FORMATS
+
+    check_unknown(list(section), EXPORT_KEYS, "export key(s)", "export")
+    if section.get("format") is not None:
+        check_choice(section["format"], "export.format", FORMATS)
+        if section["format"] == "onnx":
+            from lightning_struct.deploy.runtime import require_onnx
+
+            require_onnx("export.format=onnx")
+    for f in section.get("fold") or []:
+        check_choice(f, "export.fold", FOLDS)
+    if section.get("evaluate") is not None:
+        check_choice(section["evaluate"], "export.evaluate", ("test", "val"))
+
+
+def _export_final(cfg: DictConfig, model: Any, datamodule: Any, trainer: Any, metrics: dict[str, float]) -> str | None:
+    """The ``export:`` section: the final (tested) net exported to ``<run>/export/``, checked."""
+    section = cfg.get("export")
+    if not section or not section.get("format") or trainer.global_rank != 0:
+        return None
+    import torch
+
+    from lightning_struct.app.export import SUFFIX, accuracy
+    from lightning_struct.callbacks._log import run_dir
+    from lightning_struct.deploy import export
+    from lightning_struct.deploy.runtime import load_runner
+
+    fmt = str(section.get("format"))
+    net = getattr(model, "net", model).eval()
+    shape = getattr(datamodule, "input_shape", None)
+    if shape is None:
+        raise ValueError("export: the data module has no input_shape; export the net yourself with lightning_struct.export")
+    example = torch.randn(int(section.get("batch", 2)), *shape, generator=torch.Generator().manual_seed(0))
+    path = Path(run_dir(trainer)) / "export" / f"model{SUFFIX[fmt]}"
+    fold = section.get("fold", ["fft", "batchnorm"])
+    result = export(net.cpu(), example, path, fmt, fold=list(fold) if fold else False, rtol=float(section.get("rtol", 1e-4)))
+    line = f"{result.path}  (checked: max rel. error {result.max_rel_error:.1e})"
+    split = section.get("evaluate")
+    if split:
+        datamodule.setup("test" if split == "test" else "fit")
+        loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
+        acc, n = accuracy(load_runner(result.path, fmt), loader)
+        metrics[f"export/{split}_acc"] = acc
+        line += f"; {split} accuracy in {'onnxruntime' if fmt == 'onnx' else fmt}: {acc:.4f} on {n} samples"
+    return line
+
+
+def _print_summary(trainer: Any, metrics: dict[str, float], exported: str | None = None) -> None:
     """Tell the user where the checkpoint, the logs and the W&B run are."""
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -410,6 +476,8 @@ def _print_summary(trainer: Any, metrics: dict[str, float]) -> None:
             url = getattr(run, "url", None)
             if url:
                 lines.append(f"wandb url       : {url}")
+    if exported:
+        lines.append(f"exported        : {exported}")
     keys = [k for k in ("val/acc", "val/acc_best", "test/acc", "train/loss") if k in metrics]
     if keys:
         lines.append("metrics         : " + ", ".join(f"{k}={metrics[k]:.4f}" for k in keys))

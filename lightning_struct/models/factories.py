@@ -1,4 +1,8 @@
-"""Model factories usable as Hydra ``_target_``s (no weights are ever downloaded)."""
+"""Model factories usable as Hydra ``_target_``s.
+
+Weights are downloaded only when asked for by name (``torchvision_model(..., weights=...)``), and
+then from the torch hub cache first.
+"""
 
 from __future__ import annotations
 
@@ -83,23 +87,79 @@ def digits_cnn(
     return SmallCNN(num_classes=num_classes, in_channels=in_channels, image_size=image_size, widths=widths, hidden=hidden)
 
 
-def torchvision_model(name: str, num_classes: int = 1000, **kwargs: object) -> nn.Module:
-    """Any ``torchvision.models`` builder by name, randomly initialised (``weights=None``).
+def _head_path(model: nn.Module) -> str:
+    """The attribute path of a torchvision classifier's last ``Linear`` (``fc``, ``classifier.6``, ``heads.head``)."""
+    last = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            last = name
+    if last is None:
+        raise ValueError(f"{type(model).__name__} has no Linear classifier head to replace")
+    return last
 
-    Raises ``ValueError`` listing close names when ``name`` is unknown.
+
+def replace_head(model: nn.Module, num_classes: int) -> str:
+    """Replace the last ``Linear`` of ``model`` by a fresh one with ``num_classes`` outputs; returns its name."""
+    from lightning_struct.nn.utils import set_submodule
+
+    name = _head_path(model)
+    old = model.get_submodule(name)
+    assert isinstance(old, nn.Linear)
+    set_submodule(model, name, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+    return name
+
+
+def hub_cache_file(weights: object) -> str:
+    """Where torch hub keeps (and first looks for) the file of a torchvision weights entry."""
+    import os
+
+    import torch
+
+    url = weights.url  # type: ignore[attr-defined]
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def torchvision_model(name: str, num_classes: int = 1000, weights: str | None = None, **kwargs: object) -> nn.Module:
+    """Any ``torchvision.models`` builder by name, randomly initialised or from pretrained ``weights``.
+
+    Args:
+        name: a ``torchvision.models.list_models()`` name (``resnet50``, ``alexnet``, ``vit_b_16``...).
+        num_classes: logits. With ``weights`` trained for another number of classes (ImageNet's
+            1000), the classifier head (the last ``Linear``) is replaced by a freshly initialised
+            one: the backbone is pretrained, the head is learnt on your classes.
+        weights: a weights name of that model (``"IMAGENET1K_V1"``, ``"IMAGENET1K_V2"``,
+            ``"DEFAULT"``; the enum form ``"ResNet50_Weights.IMAGENET1K_V2"`` too) or ``None``.
+            torchvision loads the file from the torch hub cache (``$TORCH_HOME/hub/checkpoints``)
+            when it is there and downloads it otherwise; without a network and without the file
+            the error says which file to put where.
+        **kwargs: other builder arguments (``dropout``...).
+
+    Raises ``ValueError`` listing close names when ``name`` or ``weights`` is unknown.
     """
+    import difflib
+
     import torchvision.models as tvm
 
-    if kwargs.get("weights") not in (None, "None"):
-        raise ValueError(
-            f"model.net.weights={kwargs['weights']!r}: pretrained weights are not downloaded by lightning-struct; "
-            "load a local checkpoint instead (ckpt_path=...)"
-        )
-    kwargs.pop("weights", None)
     available = tvm.list_models()
     if name not in available:
-        import difflib
-
         close = difflib.get_close_matches(name, available, n=5)
         raise ValueError(f"unknown torchvision model {name!r}; did you mean one of {close}?")
-    return tvm.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    if weights in (None, "None", "null", ""):
+        return tvm.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    enum = tvm.get_model_weights(name)
+    key = str(weights).split(".")[-1]
+    choices = [w.name for w in enum] + ["DEFAULT"]
+    if key not in choices:
+        raise ValueError(f"model.net.weights={weights!r} is not a weights name of {name}; allowed: {', '.join(choices)}")
+    entry = enum.DEFAULT if key == "DEFAULT" else enum[key]
+    try:
+        model = tvm.get_model(name, weights=entry, **kwargs)
+    except OSError as err:  # URLError is an OSError: no network and no cached file
+        raise ValueError(
+            f"model.net.weights={weights!r}: {name} weights are not in the torch hub cache and could not be "
+            f"downloaded ({type(err).__name__}: {err}); put the file at {hub_cache_file(entry)} "
+            f"(from {entry.url}) or set TORCH_HOME to a directory holding hub/checkpoints/"
+        ) from err
+    if len(entry.meta["categories"]) != num_classes:
+        replace_head(model, num_classes)
+    return model

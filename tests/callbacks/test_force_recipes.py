@@ -85,13 +85,13 @@ RECIPES = {
         "strength": 5e-5,
         "kind": "l2",
         "lr": 1e-3,
-        "net": "torchvision.models.alexnet",
+        "net": "lightning_struct.models.torchvision_model",
     },
     "wen2017/resnet50_force": {
         "strength": 5e-5,
         "kind": "l2",
         "lr": 1e-3,
-        "net": "torchvision.models.resnet50",
+        "net": "lightning_struct.models.torchvision_model",
     },
     "wen2017/resnet20_cifar_force": {
         "strength": 1e-4,
