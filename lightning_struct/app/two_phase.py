@@ -31,9 +31,28 @@ PHASE_KEYS = (
     "calibration_batches",
     "finetune_ckpt_path",
     "finetune_drop_callbacks",
+    "finetune_scheduler",
 )
 #: every key a ``conversion:`` section may hold
 SECTION_KEYS = tuple(sorted(set(OPTION_KEYS) | set(PHASE_KEYS)))
+
+
+def _finetune_schedule(model: Any, scheduler_cfg: Any, dense_epochs: Any, finetune_epochs: int) -> None:
+    """Phase 2's LR schedule: ``conversion.finetune_scheduler`` if given; else a ``T_max`` that was
+    the dense phase's epoch count (``${trainer.max_epochs}``) becomes the fine-tuning's."""
+    import functools
+
+    if scheduler_cfg:
+        if not hasattr(model, "scheduler_factory"):
+            raise ValueError(
+                f"conversion.finetune_scheduler: {type(model).__name__} has no scheduler_factory "
+                "(ImageClassifier has); set the fine-tuning schedule in your module instead"
+            )
+        model.scheduler_factory = instantiate(scheduler_cfg)
+        return
+    factory = getattr(model, "scheduler_factory", None)
+    if isinstance(factory, functools.partial) and factory.keywords.get("T_max") == dense_epochs != finetune_epochs:
+        model.scheduler_factory = functools.partial(factory.func, *factory.args, **{**factory.keywords, "T_max": finetune_epochs})
 
 
 def fit_convert_finetune_from_config(
@@ -58,6 +77,9 @@ def fit_convert_finetune_from_config(
     The fine-tuning Trainer is ``cfg.trainer`` with ``max_epochs = conversion.finetune_epochs``;
     its checkpoints go to ``<ModelCheckpoint dirpath>/finetune``. Callbacks named in
     ``conversion.finetune_drop_callbacks`` (e.g. ``[force]``) are left out of the fine-tuning.
+    ``conversion.finetune_scheduler`` (a scheduler config, e.g. MultiStepLR with the authors'
+    fine-tuning steps) replaces ``model.scheduler`` for the fine-tuning; without it, a
+    ``T_max`` equal to the dense ``trainer.max_epochs`` is set to ``finetune_epochs``.
 
     Returns:
         The fine-tuning Trainer and extra metrics (``dense/<metric>`` of the dense phase and the
@@ -94,6 +116,7 @@ def fit_convert_finetune_from_config(
         if missing:
             raise ValueError(f"conversion.finetune_drop_callbacks names unknown callbacks {sorted(missing)}")
         callbacks = build_callbacks(cb_cfg) + list(extra)
+        _finetune_schedule(model, section.get("finetune_scheduler"), cfg.trainer.get("max_epochs"), finetune_epochs)
         return instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers or False, max_epochs=finetune_epochs
         )
