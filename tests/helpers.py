@@ -205,3 +205,24 @@ def quiet_trainer(
     return pl.Trainer(
         callbacks=list(callbacks), logger=logger, enable_checkpointing=enable_checkpointing, **options
     )
+
+
+def seed_torch_hub(monkeypatch, root: str | Path, name: str, weights: str = "IMAGENET1K_V1", seed: int = 123):
+    """Write a random state dict of torchvision ``name`` where torch hub looks for ``weights``.
+
+    ``TORCH_HOME`` points at ``root`` for the test, so a recipe asking for pretrained weights
+    loads this file (nothing is downloaded). Returns the state dict written.
+    """
+    import torch
+    import torchvision
+
+    from lightning_struct.models.factories import hub_cache_file
+
+    monkeypatch.setenv("TORCH_HOME", str(Path(root) / "torch_home"))
+    entry = torchvision.models.get_model_weights(name)[weights]
+    torch.manual_seed(seed)
+    sd = torchvision.models.get_model(name, weights=None).state_dict()
+    path = Path(hub_cache_file(entry))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, path)
+    return sd

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import compose_cfg, make_image_folder
+from helpers import compose_cfg, make_image_folder, seed_torch_hub
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
@@ -67,9 +67,12 @@ def test_group_option_composes_and_instantiates(group, option, tmp_path, image_r
 
 
 @pytest.mark.parametrize("recipe", _recipes())
-def test_recipe_composes_and_instantiates(recipe, tmp_path, image_root):
+def test_recipe_composes_and_instantiates(recipe, tmp_path, image_root, monkeypatch):
     cfg = compose_cfg([f"recipe={recipe}"], tmp_path)
     assert cfg.task_name, recipe
+    net = cfg.model.get("net") or {}
+    if net.get("weights"):  # a pretrained start: a seeded torch hub cache stands in for the download
+        seed_torch_hub(monkeypatch, tmp_path, net.get("name"), net.weights)
     _instantiate_all(cfg, image_root)
 
 

@@ -273,6 +273,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     _reattach_wandb(cfg, ckpt_path)
 
     datamodule = instantiate(cfg.data)
+    if init_ckpt and OmegaConf.select(cfg, "model.net.weights"):
+        # the start is init_ckpt: no reason to fetch pretrained weights only to overwrite them
+        log.info("init_ckpt given: model.net.weights=%s is not loaded", OmegaConf.select(cfg, "model.net.weights"))
+        from omegaconf import open_dict
+
+        with open_dict(cfg):
+            cfg.model.net.weights = None
     model = instantiate(cfg.model)
     if init_ckpt:  # weights only (ckpt_path= resumes a whole run instead)
         from lightning_struct.models.init import load_init_weights

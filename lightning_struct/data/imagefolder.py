@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from lightning_struct._checks import check_int, check_number
+from lightning_struct._checks import check_choice, check_int, check_number
 from lightning_struct.data.loader import ResumableLoader
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,7 +36,9 @@ def _check_split(root: Path, split: str) -> list[str]:
 class ImageFolderDataModule(pl.LightningDataModule):
     """ImageNet-style data with the standard torchvision train/val transforms.
 
-    Train: ``RandomResizedCrop(image_size)`` + horizontal flip; val/test:
+    Train: ``RandomResizedCrop(image_size)`` + horizontal flip (ImageNet), or with
+    ``train_crop="padded"`` the CIFAR recipe: ``RandomCrop(image_size, padding=crop_padding)`` of
+    the image resized to ``image_size``, + flip; val/test:
     ``Resize(round(image_size / crop_ratio))`` + ``CenterCrop(image_size)``; both normalized with the
     ImageNet mean/std. The test split is ``val/`` unless ``root/test`` exists.
 
@@ -51,6 +53,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         num_classes: expected number of classes; checked against the folders when given (in the
             Hydra config it follows ``model.num_classes``, the key to set).
         seed: seed of the training shuffle (epoch ``e`` uses ``seed + e``; resumes mid-epoch exactly).
+        train_crop: ``"random_resized"`` (default) or ``"padded"`` (zero-pad ``crop_padding`` pixels,
+            random crop back to ``image_size``: He et al.'s CIFAR augmentation).
+        crop_padding: the padding of ``train_crop="padded"`` (4 for CIFAR).
     """
 
     def __init__(
@@ -64,6 +69,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         persistent_workers: bool = True,
         num_classes: int | None = None,
         seed: int = 0,
+        train_crop: str = "random_resized",
+        crop_padding: int = 4,
     ) -> None:
         super().__init__()
         if root is None or str(root) in ("", "???"):
@@ -71,6 +78,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         where = "ImageFolderDataModule"
         check_int(image_size, "data.image_size", where, minimum=8)
         check_number(crop_ratio, "data.crop_ratio", where, minimum=0, open_min=True, maximum=1)
+        check_choice(train_crop, "data.train_crop", ("random_resized", "padded"), where)
+        check_int(crop_padding, "data.crop_padding", where, minimum=0)
+        self.train_crop, self.crop_padding = train_crop, int(crop_padding)
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -101,6 +111,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         from torchvision import transforms as T
 
         norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        if train and self.train_crop == "padded":
+            crop = [T.Resize(self.image_size), T.RandomCrop(self.image_size, padding=self.crop_padding)]
+            return T.Compose([*crop, T.RandomHorizontalFlip(), T.ToTensor(), norm])
         if train:
             return T.Compose([T.RandomResizedCrop(self.image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
         resize = int(round(self.image_size / self.crop_ratio))

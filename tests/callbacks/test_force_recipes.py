@@ -11,7 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import yaml
-from helpers import compose_cfg, make_image_folder, run_cli, run_train
+from helpers import compose_cfg, make_image_folder, run_cli, run_train, seed_torch_hub
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
@@ -149,8 +149,11 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", sorted(SMOKE))
-def test_recipe_fast_dev_run(recipe: str, folder: dict[int, Path], tmp_path: Path) -> None:
+def test_recipe_fast_dev_run(recipe: str, folder: dict[int, Path], tmp_path: Path, monkeypatch) -> None:
     size, layers = SMOKE[recipe]
+    pretrained = {"wen2017/alexnet_force": "alexnet", "wen2017/resnet50_force": "resnet50"}
+    if recipe in pretrained:  # these recipes start from torchvision weights: a seeded hub cache stands in
+        seed_torch_hub(monkeypatch, tmp_path, pretrained[recipe])
     tag = recipe.replace("/", "_")
     run_train(
         [

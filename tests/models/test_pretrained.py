@@ -8,27 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from helpers import make_image_folder, run_train
+from helpers import make_image_folder, run_train, seed_torch_hub
 from torch import nn
 
 import lightning_struct.models as models_pkg
 from lightning_struct.models import ImageClassifier, digits_cnn, load_init_weights, torchvision_model
-from lightning_struct.models.factories import hub_cache_file
 from lightning_struct.surgery import convert, save_converted
 
 QUIET = ["callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false", "logger=none", "test=false"]
 
 
 def _seed_hub(monkeypatch, tmp_path: Path, name: str, weights: str) -> dict[str, torch.Tensor]:
-    """Write a (random) state dict where torch hub looks for ``name``'s ``weights`` file; return it."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    entry = torchvision.models.get_model_weights(name)[weights]
-    torch.manual_seed(123)
-    sd = torchvision.models.get_model(name, weights=None).state_dict()
-    path = Path(hub_cache_file(entry))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(sd, path)
-    return sd
+    return seed_torch_hub(monkeypatch, tmp_path, name, weights)
 
 
 def test_torchvision_weights_come_from_the_hub_cache_and_the_head_is_replaced(monkeypatch, tmp_path):
@@ -180,3 +171,29 @@ def test_imagenet_recipe_starts_from_init_ckpt(recipe, tmp_path, monkeypatch):
     assert rep.target == "net" and not rep.missing and not rep.unexpected
     for k, v in net.state_dict().items():
         torch.testing.assert_close(state[k], v, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_alexnet_pipeline_fast_dev_run_from_seeded_weights_to_onnx(monkeypatch, tmp_path):
+    """Pretrained start -> force phase -> conversion -> fine-tune -> test -> checked ONNX, in one run."""
+    seed_torch_hub(monkeypatch, tmp_path, "alexnet")
+    root = make_image_folder(tmp_path / "img", n_classes=3, per_class=4, size=64)
+    args = _smoke("wen2017/alexnet_pipeline", root, 64, ["test=true", "conversion.energy=null", "conversion.ratio=0.25"])
+    args.remove("test=false")
+    metrics = run_train(args, tmp_path / "run")
+    assert metrics["conversion/layers_converted"] == 5 and "test/acc" in metrics
+    onnx = list((tmp_path / "run").rglob("export/model.onnx"))
+    assert len(onnx) == 1
+
+
+def test_pipeline_recipes_compose_with_the_authors_schedules(tmp_path):
+    from helpers import compose_cfg
+
+    cfg = compose_cfg(["recipe=wen2017/alexnet_pipeline", "data.root=/x"], tmp_path)
+    assert cfg.model.net.weights == "IMAGENET1K_V1" and list(cfg.model.scheduler.milestones) == [30, 40, 44]
+    assert list(cfg.conversion.finetune_scheduler.milestones) == [14, 28] and cfg.conversion.fit
+    assert cfg.conversion.finetune_drop_callbacks == ["force"] and cfg.export.format == "onnx"
+    cfg = compose_cfg(["recipe=wen2017/resnet50_pipeline", "data.root=/x"], tmp_path)
+    assert cfg.model.net.weights == "IMAGENET1K_V1" and cfg.conversion.energy == 0.95
+    cfg = compose_cfg(["recipe=wen2017/resnet20_cifar_force", "data.root=/x"], tmp_path)
+    assert cfg.data.train_crop == "padded" and cfg.data.crop_padding == 4
