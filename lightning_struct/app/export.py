@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from lightning_struct._checks import check_choice, check_unknown
+from lightning_struct.app.spectra import parse_size
 
 _WHERE = "lightning-struct export"
 KEYS = ("ckpt", "format", "input_size", "batch", "fold", "rtol", "out", "evaluate")
@@ -54,19 +55,6 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
     if "evaluate" in args:
         check_choice(args["evaluate"], "evaluate", ("test", "val"))
     return args
-
-
-def _size(text: str) -> tuple[int, int]:
-    parts = [p for p in text.lower().replace(",", "x").split("x") if p]
-    try:
-        dims = [int(p) for p in parts]
-    except ValueError as err:
-        raise ValueError(f"input_size={text!r}: expected N or HxW") from err
-    if len(dims) == 1:
-        dims *= 2
-    if len(dims) != 2 or min(dims) < 1:
-        raise ValueError(f"input_size={text!r}: expected N or HxW")
-    return dims[0], dims[1]
 
 
 def _datamodule(run_config: dict[str, Any]) -> Any:
@@ -114,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
         channels = first.in_channels if first is not None else 3
         batch = int(args.get("batch", 1))
-        example = torch.randn(batch, channels, *_size(size), generator=torch.Generator().manual_seed(0))
+        example = torch.randn(batch, channels, *parse_size(size), generator=torch.Generator().manual_seed(0))
         fold_arg = args.get("fold", "fft,batchnorm")
         fold: Any = () if fold_arg in ("none", "") else fold_arg
         out = Path(args.get("out") or ckpt.with_suffix(SUFFIX[fmt]))

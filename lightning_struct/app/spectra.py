@@ -62,16 +62,17 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
     return args
 
 
-def _size(text: str) -> tuple[int, int]:
+def parse_size(text: str, key: str = "input_size") -> tuple[int, int]:
+    """``"N"`` or ``"HxW"`` (also ``"H,W"``) -> ``(H, W)``; a clear error naming ``key`` otherwise."""
     parts = text.lower().replace(",", "x").split("x")
     try:
         dims = [int(p) for p in parts if p]
     except ValueError as err:
-        raise ValueError(f"input_size={text!r}: expected N or HxW") from err
+        raise ValueError(f"{key}={text!r}: expected N or HxW") from err
     if len(dims) == 1:
         dims *= 2
     if len(dims) != 2 or min(dims) < 1:
-        raise ValueError(f"input_size={text!r}: expected N or HxW")
+        raise ValueError(f"{key}={text!r}: expected N or HxW")
     return dims[0], dims[1]
 
 
@@ -160,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         net, implied = load_model(args)
-        size = _size(args["input_size"]) if "input_size" in args else (implied or (224, 224))
+        size = parse_size(args["input_size"]) if "input_size" in args else (implied or (224, 224))
         split = lambda key: [p for p in args[key].split(",") if p] if args.get(key) else None  # noqa: E731
         t0 = time.perf_counter()
         rows, values = analyse(
