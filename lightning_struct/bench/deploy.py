@@ -40,8 +40,11 @@ TITLE = "deploy: dense vs converted in eager / torch.compile / onnxruntime"
 __all__ = ["TITLE", "run", "train_digits_with_force"]
 
 
-def train_digits_with_force(epochs: int = 8, seed: int = 0) -> nn.Module:
-    """The digits CNN trained with the L2 force (no logger, no checkpoint); returns the bare net."""
+def train_digits_with_force(epochs: int = 8, seed: int = 0, strength: float = 1e-4, image_size: int = 8) -> nn.Module:
+    """The digits CNN trained with the L2 force (``strength=0``: without); no logger, no checkpoint.
+
+    Returns the bare net (eval mode).
+    """
     import lightning.pytorch as pl
 
     from lightning_struct.callbacks.force import ForceRegularization
@@ -50,8 +53,8 @@ def train_digits_with_force(epochs: int = 8, seed: int = 0) -> nn.Module:
     from lightning_struct.models.factories import digits_cnn
 
     pl.seed_everything(seed, verbose=False)
-    dm = DigitsDataModule(image_size=8, batch_size=64, seed=seed)
-    model = ImageClassifier(digits_cnn(image_size=8), num_classes=10)
+    dm = DigitsDataModule(image_size=image_size, batch_size=64, seed=seed)
+    model = ImageClassifier(digits_cnn(image_size=image_size), num_classes=10)
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
@@ -59,7 +62,7 @@ def train_digits_with_force(epochs: int = 8, seed: int = 0) -> nn.Module:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[ForceRegularization(strength=1e-4, kind="l2")],
+        callbacks=[ForceRegularization(strength=strength, kind="l2")] if strength > 0 else [],
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from lightning_struct.nn.lowrank import LowRankConv2d, LowRankLinear, pick_rank
 from lightning_struct.ops import factorize as fz
+from lightning_struct.ops import whiten as wh
 from lightning_struct.surgery._context import Context
 from lightning_struct.surgery.costs import dense_cost, lowrank_cost
 from lightning_struct.surgery.probe import rel_err
@@ -26,6 +27,7 @@ class _Plan:
     spectrum: Any = None
     rank: int | tuple[int, int] | None = None
     reason: str = ""
+    whitening: Tensor | None = None  # objective="output": S with S S^T = the input covariance
 
 
 def _spectrum(module: nn.Module, scheme: str) -> Any:
@@ -110,6 +112,56 @@ def _round_up(
     return min(int(full), -(-int(rank) // multiple) * multiple)  # type: ignore[arg-type]
 
 
+def _layer_rows(module: nn.Module, inputs: list[Tensor]) -> tuple[list[Tensor], int]:
+    """The vectors the layer's weight multiplies (Linear: the inputs; conv: the unfolded patches)."""
+    import torch.nn.functional as F
+
+    if isinstance(module, nn.Linear):
+        return [x.reshape(-1, module.in_features) for x in inputs], module.in_features
+    conv: Any = module
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    rows = []
+    for x in inputs:
+        x = x if x.dim() == 4 else x.unsqueeze(0)
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        rows.append(wh.patch_rows(x, conv.kernel_size, conv.stride, (0, 0), conv.dilation))
+    return rows, conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+
+
+def _whiten(ctx: Context, p: _Plan) -> None:
+    """``objective="output"``: the layer's whitening and its output-error spectrum (float64)."""
+    m = p.module
+    if isinstance(m, nn.Conv2d) and m.groups != 1:
+        raise ValueError(
+            f"convert: objective='output' supports groups=1 convs; layer {p.name!r} has groups={m.groups} "
+            "(exclude it, or use objective='weight')"
+        )
+    inputs = ctx.probe.inputs.get(p.name)
+    if not inputs:
+        raise ValueError(f"convert: objective='output' needs the calibration inputs of layer {p.name!r}; the forward did not reach it")
+    rows, dim = _layer_rows(m, inputs)
+    cov, n = wh.input_covariance(rows, dim)
+    if n < dim:
+        raise ValueError(
+            f"convert: objective='output' needs at least {dim} calibration rows for layer {p.name!r} "
+            f"(its input dimension{' C*kh*kw' if isinstance(m, nn.Conv2d) else ''} is {dim}); the calibration "
+            f"gave {n}: pass more data (a larger calibration or calibration_batches)"
+        )
+    p.whitening = wh.whitening(cov / n)
+    w2d = m.weight.detach().reshape(m.weight.shape[0], -1)  # type: ignore[union-attr]
+    p.spectrum = wh.whitened_spectrum(w2d, p.whitening).to(torch.float32).unsqueeze(0)
+
+
+def _output_factors(new: nn.Module, dense: nn.Module, p: _Plan) -> None:
+    """Overwrite the factors of ``new`` with the output-optimal ones (channel scheme / Linear)."""
+    assert p.whitening is not None
+    w = dense.weight.detach()  # type: ignore[union-attr]
+    first, second = wh.output_aware_factors(w.reshape(w.shape[0], -1), p.whitening.to(w.device), int(p.rank))  # type: ignore[arg-type]
+    with torch.no_grad():
+        new.first.weight.copy_(first.reshape(new.first.weight.shape))  # type: ignore[union-attr]
+        new.second.weight.copy_(second.reshape(new.second.weight.shape))  # type: ignore[union-attr]
+
+
 def convert_lowrank(ctx: Context) -> None:
     """Plan a rank per candidate (rule or budget), factorize, fill ``ctx.rows``/``ctx.new_modules``."""
     o = ctx.options
@@ -117,7 +169,15 @@ def convert_lowrank(ctx: Context) -> None:
     for name, m in ctx.candidates:
         sch = o.scheme if isinstance(m, nn.Conv2d) else "svd"
         plans.append(_Plan(name, m, sch, _full_rank(m, sch)))
-    if o.energy is not None or o.budget is not None:
+    if o.objective == "output":
+        if not ctx.have_data:
+            raise ValueError(
+                "convert: objective='output' fits each layer to its calibration inputs: pass calibration= "
+                "(a batch, a tensor or a DataLoader)"
+            )
+        for p in plans:
+            _whiten(ctx, p)
+    elif o.energy is not None or o.budget is not None:
         for p in plans:
             p.spectrum = _spectrum(p.module, p.scheme)
     cost_on = o.budget_on if o.budget is not None else "params"
@@ -160,9 +220,11 @@ def convert_lowrank(ctx: Context) -> None:
             new: nn.Module = LowRankConv2d.from_dense(m, rank=p.rank, scheme=p.scheme)
         else:
             new = LowRankLinear.from_dense(m, rank=int(p.rank))  # type: ignore[arg-type]
+        if p.whitening is not None:
+            _output_factors(new, m, p)
         spec = new.spec()  # type: ignore[operator]
         row.kind = spec["kind"]
-        row.detail = {"scheme": p.scheme, "rank": p.rank}
+        row.detail = {"scheme": p.scheme, "rank": p.rank, "objective": o.objective}
         row.params_after = sum(q.numel() for q in new.parameters())
         row.flops_after = flops_after
         with torch.no_grad():

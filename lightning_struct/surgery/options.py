@@ -31,6 +31,8 @@ RANK_RULES: tuple[str, ...] = ("energy", "ratio", "rank", "budget")
 BUDGET_ON: tuple[str, ...] = ("params", "flops")
 #: runtimes a planned replacement can be timed in (``speed_check``)
 SPEED_CHECKS: tuple[str, ...] = ("eager", "onnxruntime")
+#: what a low-rank factorization minimizes: the weight error or the layer's output error
+OBJECTIVES: tuple[str, ...] = ("weight", "output")
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,11 @@ class ConversionOptions:
             and ``export(fold="slower")`` use) and keep the dense layer when the replacement
             is not faster. Needs input shapes (a calibration or ``input_size``).
         speed_batch: the batch size of those timings (default 1).
+        objective: low-rank: ``"weight"`` (default: truncated SVD of each weight) or ``"output"``
+            (the rank-r factors minimizing the layer's output error on the calibration inputs,
+            closed form by whitening with the input covariance, SVD-LLM style; the rank rules then
+            read the whitened spectrum). ``"output"`` needs calibration data and supports the
+            channel scheme (``groups=1``) and Linear layers.
 
     Raises:
         ValueError / TypeError: at construction, naming the key, the value and what is allowed.
@@ -103,6 +110,7 @@ class ConversionOptions:
     seed: int = 0
     speed_check: str | None = None
     speed_batch: int = 1
+    objective: str = "weight"
 
     def __post_init__(self) -> None:
         where = f"convert(method={self.method!r})"
@@ -150,6 +158,13 @@ class ConversionOptions:
         if self.speed_check is not None:
             check_choice(self.speed_check, "speed_check", SPEED_CHECKS, where)
         check_int(self.speed_batch, "speed_batch", where, minimum=1)
+        check_choice(self.objective, "objective", OBJECTIVES, where)
+        if self.objective == "output" and self.method != "lowrank":
+            raise ValueError(f"{where}: objective='output' applies to method='lowrank'")
+        if self.objective == "output" and self.scheme != "channel":
+            raise ValueError(
+                f"{where}: objective='output' supports scheme='channel' (and Linear layers); got scheme={self.scheme!r}"
+            )
 
     # ------------------------------------------------------------------------------ building
     @classmethod
