@@ -26,6 +26,10 @@ class Context:
         have_data: real calibration inputs were recorded (not only a shape-probe).
         rows: one report row per candidate, appended by the converter.
         new_modules: ``(name, new module, spec entry)`` for every layer to swap in.
+        model_latency_s: ``budget_on="latency"``: the dense model's measured forward time.
+        latency_ratio: ``budget_on="latency"``: a function timing the model with some layers
+            replaced (``{name: module}``) against the dense model, interleaved; returns the ratio.
+        measured_ratio: that ratio for the allocation finally chosen.
     """
 
     options: ConversionOptions
@@ -35,6 +39,9 @@ class Context:
     have_data: bool
     rows: list[LayerReport] = field(default_factory=list)
     new_modules: list[tuple[str, nn.Module, dict[str, Any]]] = field(default_factory=list)
+    model_latency_s: float | None = None  # budget_on="latency": the dense model's measured forward
+    latency_ratio: Any = None  # budget_on="latency": {name: module} -> measured converted/dense time
+    measured_ratio: float | None = None  # what the chosen allocation measured
 
     def dense_row(self, name: str, module: nn.Module, with_flops: bool = True) -> LayerReport:
         """A row for a layer that is still dense (the converter fills in what changes)."""

@@ -156,6 +156,11 @@ def convert(
     flops_before = int(sum(f for f in flops_all if f is not None)) if batches else None
 
     ctx = Context(opts, candidates, _exact_names(opts.include), seen, have_data)
+    if opts.budget is not None and opts.budget_on == "latency":
+        if not batches:
+            raise ValueError("convert: budget_on='latency' needs input shapes: give calibration= or input_size=")
+        ctx.model_latency_s = _model_latency(model, batches[0], opts)
+        ctx.latency_ratio = _latency_ratio(model, batches[0], opts)
     _CONVERTERS[opts.method](ctx)
     if opts.speed_check is not None:
         if not batches:
@@ -173,8 +178,9 @@ def convert(
     specmod.record(model, entries)
 
     report = ConversionReport(
-        method=opts.method, params_before=params_before, params_after=n_params(model), layers=ctx.rows, spec=entries
-    )
+        method=opts.method, params_before=params_before, params_after=n_params(model), layers=ctx.rows, spec=entries,
+        latency_ratio=ctx.measured_ratio,
+    )  # fmt: skip
     if flops_before is not None:
         delta = sum((r.flops_after or 0) - (r.flops_before or 0) for r in ctx.rows if r.status == "converted")
         report.flops_before = flops_before
@@ -189,6 +195,53 @@ def convert(
         )
     log.debug("%s", report)
     return report
+
+
+def speed_input(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """A batch of ``size`` rows made from ``batch`` (repeated when it is smaller)."""
+    reps = -(-size // batch.shape[0])
+    return batch.repeat(reps, *([1] * (batch.dim() - 1)))[:size]
+
+
+def _model_latency(model: nn.Module, batch: torch.Tensor, opts: ConversionOptions) -> float:
+    """The dense model's forward time on ``speed_batch`` rows, in the ``speed_check`` runtime (eager by default)."""
+    from lightning_struct.deploy.runtime import time_call
+
+    x = speed_input(batch, opts.speed_batch).to(device_of(model))
+    if (opts.speed_check or "eager") != "eager":
+        raise ValueError("convert: budget_on='latency' times the model in eager PyTorch; leave speed_check unset or 'eager'")
+
+    def run() -> None:
+        with torch.inference_mode(), eval_mode(model):
+            model(x)
+
+    return time_call(run, repeats=15, warmup=2, budget_s=10.0)
+
+
+def _latency_ratio(model: nn.Module, batch: torch.Tensor, opts: ConversionOptions) -> Callable[[dict[str, nn.Module]], float]:
+    """A function timing ``model`` with some layers replaced against ``model`` itself (interleaved medians)."""
+    import copy
+    import statistics
+    import time
+
+    x = speed_input(batch, opts.speed_batch).to(device_of(model))
+
+    def ratio(replace: dict[str, nn.Module]) -> float:
+        conv = copy.deepcopy(model)
+        for name, new in replace.items():
+            specmod.replace_module(conv, name, new)
+        times: dict[str, list[float]] = {"dense": [], "conv": []}
+        with torch.inference_mode(), eval_mode(model), eval_mode(conv):
+            for m in (model, conv):
+                m(x)
+            for _ in range(9):
+                for key, m in (("dense", model), ("conv", conv)):
+                    t0 = time.perf_counter()
+                    m(x)
+                    times[key].append(time.perf_counter() - t0)
+        return statistics.median(times["conv"]) / statistics.median(times["dense"])
+
+    return ratio
 
 
 def _keep_only_faster(model: nn.Module, ctx: Context, batch: torch.Tensor) -> None:

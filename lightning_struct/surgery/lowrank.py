@@ -28,6 +28,7 @@ class _Plan:
     rank: int | tuple[int, int] | None = None
     reason: str = ""
     whitening: Tensor | None = None  # objective="output": S with S S^T = the input covariance
+    latency: tuple[float, float] | None = None  # budget_on="latency": (dense, factorized) seconds
 
 
 def _spectrum(module: nn.Module, scheme: str) -> Any:
@@ -55,6 +56,89 @@ def _tucker_path(
     e_out = fz.retained_energy(spectrum[1])
     value = (e_in[ri - 1] + e_out[ro - 1] - 1.0).clamp_min(1e-12)
     return list(zip(ri.tolist(), ro.tolist())), value
+
+
+def _rank_grid(full: int, points: int = 12) -> list[int]:
+    """About ``points`` ranks spread over ``1..full`` (the candidates whose latency is measured)."""
+    return sorted({max(1, -(-full * k // points)) for k in range(1, points + 1)})
+
+
+def _plan_latency(plans: list[_Plan], ctx: Context) -> None:
+    """``budget_on="latency"``: measured per-layer latencies of candidate ranks, greedy allocation."""
+    from lightning_struct.deploy.runtime import time_modules
+
+    o = ctx.options
+    assert o.budget is not None and ctx.model_latency_s is not None
+    costs, values, options, owners = [], [], [], []
+    for i, p in enumerate(plans):
+        if p.scheme == "tucker2":
+            raise ValueError("convert: budget_on='latency' supports the channel and spatial schemes and Linear layers")
+        shape = ctx.probe.in_shapes.get(p.name)
+        if shape is None:
+            raise ValueError(f"convert: budget_on='latency' needs the input shape of layer {p.name!r} (not reached by the forward)")
+        full_shape = (o.speed_batch, *shape)
+        dense = time_modules({"dense": p.module}, full_shape)["dense"]
+        ranks = _rank_grid(int(p.full))  # type: ignore[arg-type]
+        build = (
+            (lambda r, m=p.module, sch=p.scheme: LowRankConv2d.from_dense(m, rank=r, scheme=sch))
+            if isinstance(p.module, nn.Conv2d)
+            else (lambda r, m=p.module: LowRankLinear.from_dense(m, rank=r))
+        )
+        timed = time_modules({str(r): build(r) for r in ranks}, full_shape)
+        keep = [r for r in ranks if timed[str(r)] < dense]
+        if not keep:
+            p.reason = f"kept dense: no rank times faster than dense ({dense * 1e3:.3f} ms)"
+            continue
+        energy = fz.retained_energy(p.spectrum).reshape(-1)
+        c = torch.tensor([timed[str(r)] for r in keep], dtype=torch.float64)
+        c = torch.cummax(c, 0).values  # non-decreasing, as the allocation needs
+        costs.append(c)
+        values.append(torch.stack([energy[r - 1] for r in keep]).to(torch.float64).clamp_min(1e-12))
+        options.append(keep)
+        owners.append((i, dense))
+    if not costs:
+        return
+
+    def ranks_at(alpha: float) -> list[int]:
+        lo = sum(float(c[0]) for c in costs)
+        hi = sum(float(c[-1]) for c in costs)
+        choice = fz.allocate_budget(costs, values, lo + alpha * (hi - lo) + 1e-12)
+        return [options[k][t] for k, t in enumerate(choice)]
+
+    def measure(ranks: list[int]) -> float:
+        built = {}
+        for (idx, _), r in zip(owners, ranks):
+            p = plans[idx]
+            built[p.name] = (
+                LowRankConv2d.from_dense(p.module, rank=r, scheme=p.scheme)
+                if isinstance(p.module, nn.Conv2d)
+                else LowRankLinear.from_dense(p.module, rank=r)
+            )
+        return float(ctx.latency_ratio(built))
+
+    # the sum of isolated layer times does not predict the network's time (fixed costs, caches):
+    # bisect the allocation's total on the measured ratio of the whole network instead
+    best = ranks_at(0.0)
+    best_ratio = measure(best)
+    if best_ratio <= o.budget:
+        full = ranks_at(1.0)
+        full_ratio = measure(full)
+        if full_ratio <= o.budget:
+            best, best_ratio = full, full_ratio
+        else:
+            lo, hi = 0.0, 1.0
+            for _ in range(5):
+                mid = (lo + hi) / 2
+                ranks = ranks_at(mid)
+                r = measure(ranks)
+                if r <= o.budget:
+                    lo, best, best_ratio = mid, ranks, r
+                else:
+                    hi = mid
+    ctx.measured_ratio = best_ratio
+    for k, ((idx, dense), rank) in enumerate(zip(owners, best)):
+        plans[idx].rank = rank
+        plans[idx].latency = (dense, float(costs[k][options[k].index(rank)]))
 
 
 def _plan_budget(
@@ -180,8 +264,10 @@ def convert_lowrank(ctx: Context) -> None:
     elif o.energy is not None or o.budget is not None:
         for p in plans:
             p.spectrum = _spectrum(p.module, p.scheme)
-    cost_on = o.budget_on if o.budget is not None else "params"
-    if o.budget is not None:
+    cost_on = o.budget_on if o.budget is not None and o.budget_on != "latency" else "params"
+    if o.budget is not None and o.budget_on == "latency":
+        _plan_latency(plans, ctx)
+    elif o.budget is not None:
         _plan_budget(plans, o.budget, o.budget_on, ctx.probe.in_shapes)
     else:
         for p in plans:
@@ -225,6 +311,8 @@ def convert_lowrank(ctx: Context) -> None:
         spec = new.spec()  # type: ignore[operator]
         row.kind = spec["kind"]
         row.detail = {"scheme": p.scheme, "rank": p.rank, "objective": o.objective}
+        if p.latency is not None:
+            row.detail.update(dense_ms=p.latency[0] * 1e3, converted_ms=p.latency[1] * 1e3)
         row.params_after = sum(q.numel() for q in new.parameters())
         row.flops_after = flops_after
         with torch.no_grad():

@@ -28,7 +28,7 @@ __all__ = ["METHODS", "OPTION_KEYS", "RANK_RULES", "ConversionOptions"]
 METHODS: tuple[str, ...] = ("lowrank", "acdc", "tied")
 #: the low-rank rank rules; exactly one is given for ``method="lowrank"``
 RANK_RULES: tuple[str, ...] = ("energy", "ratio", "rank", "budget")
-BUDGET_ON: tuple[str, ...] = ("params", "flops")
+BUDGET_ON: tuple[str, ...] = ("params", "flops", "latency")
 #: runtimes a planned replacement can be timed in (``speed_check``)
 SPEED_CHECKS: tuple[str, ...] = ("eager", "onnxruntime")
 #: what a low-rank factorization minimizes: the weight error or the layer's output error
@@ -46,7 +46,12 @@ class ConversionOptions:
         rank: low-rank: absolute rank per layer (a pair ``(R_in, R_out)`` allowed for tucker2).
         budget: low-rank: global budget over the selected layers, a fraction ``<= 1`` of their
             dense cost or an absolute count ``> 1``; ranks are allocated greedily.
-        budget_on: ``"params"`` or ``"flops"`` (multiply-accumulates; needs input shapes).
+        budget_on: ``"params"``, ``"flops"`` (multiply-accumulates; needs input shapes) or
+            ``"latency"``: ``budget`` is a fraction of the dense model's measured forward latency
+            (batch ``speed_batch``, in the ``speed_check`` runtime, eager by default). Each
+            layer's candidate ranks are timed on its input shape (cached per shape and device),
+            the allocation is greedy by retained (output, with ``objective="output"``) energy per
+            second saved, and a layer is factorized only at ranks that time faster than dense.
         include: name globs of layers to convert. Default: every layer of ``types`` except the
             first conv (the stem) and the last ``Linear`` (the classifier), as
             :class:`~lightning_struct.ForceRegularization` does; give ``include`` (``"*"`` for
@@ -135,6 +140,8 @@ class ConversionOptions:
             for r in ranks:
                 check_int(r, "rank", where, minimum=1)
         check_choice(self.budget_on, "budget_on", BUDGET_ON, where)
+        if self.budget_on == "latency" and self.budget is not None and self.budget > 1.0:
+            raise ValueError(f"{where}: budget_on='latency' takes budget as a fraction (<= 1) of the dense latency; got {self.budget}")
         check_globs(self.include, "include", where)
         check_globs(self.exclude, "exclude", where)
         check_number(self.min_saving, "min_saving", where, minimum=0.0, maximum=1.0, open_max=True)

@@ -61,6 +61,7 @@ class ConversionReport:
     layers: list[LayerReport] = field(default_factory=list)
     output_rel_error: float | None = None
     spec: list[dict[str, Any]] = field(default_factory=list)
+    latency_ratio: float | None = None  # budget_on="latency": measured converted / dense forward time
 
     @property
     def converted(self) -> list[LayerReport]:
@@ -93,6 +94,8 @@ class ConversionReport:
             out[f"{prefix}flop_ratio"] = float(self.flop_ratio or 0.0)
         if self.output_rel_error is not None:
             out[f"{prefix}output_rel_error"] = float(self.output_rel_error)
+        if self.latency_ratio is not None:
+            out[f"{prefix}latency_ratio"] = float(self.latency_ratio)
         return out
 
     COLUMNS = (
