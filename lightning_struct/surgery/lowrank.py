@@ -59,8 +59,11 @@ def _tucker_path(
 
 
 def _rank_grid(full: int, points: int = 12) -> list[int]:
-    """About ``points`` ranks spread over ``1..full`` (the candidates whose latency is measured)."""
-    return sorted({max(1, -(-full * k // points)) for k in range(1, points + 1)})
+    """The candidate ranks whose latency is measured: ``points`` spread evenly over ``1..full``,
+    plus the powers of two below ``full / points`` (so that a tight budget can reach small ranks)."""
+    even = {max(1, -(-full * k // points)) for k in range(1, points + 1)}
+    small = {1 << i for i in range(full.bit_length()) if (1 << i) < full / points}
+    return sorted(even | small)
 
 
 def _plan_latency(plans: list[_Plan], ctx: Context) -> None:
