@@ -262,7 +262,11 @@ class StructuredConversion(ConversionCheckpoint):
         include, exclude, types: layer selection (names relative to the LightningModule, e.g.
             ``"net.features.*"``), as in :func:`~lightning_struct.surgery.convert`.
         energy, ratio, rank, budget, budget_on, scheme: low-rank rank rule and scheme.
-        calibration_batches: training batches used for FLOPs, errors and the ACDC fit.
+        objective, sequential: what the low-rank factors minimize (``"weight"`` or ``"output"``
+            on the calibration batches, optionally fitted layer after layer), as in
+            :class:`~lightning_struct.surgery.options.ConversionOptions`.
+        calibration_batches: training batches used for FLOPs, errors, the output objective and
+            the ACDC fit.
         restart_checkpoint_ranking: at conversion, forget the best/top-k scores of every
             ``ModelCheckpoint`` that monitors a metric, so "best" means the best *converted*
             checkpoint (a dense epoch's score would otherwise win, and testing "best" would
@@ -292,6 +296,8 @@ class StructuredConversion(ConversionCheckpoint):
         budget: float | None = None,
         budget_on: str = "params",
         scheme: str = "channel",
+        objective: str = "weight",
+        sequential: bool = False,
         calibration_batches: int = 4,
         restart_checkpoint_ranking: bool = True,
         **convert_kwargs: Any,
@@ -300,8 +306,8 @@ class StructuredConversion(ConversionCheckpoint):
         self.options = ConversionOptions.from_mapping(
             dict(
                 method=method, include=include, exclude=exclude, types=types, energy=energy, ratio=ratio,
-                rank=rank, budget=budget, budget_on=budget_on, scheme=scheme,
-                calibration_batches=calibration_batches, **convert_kwargs,
+                rank=rank, budget=budget, budget_on=budget_on, scheme=scheme, objective=objective,
+                sequential=sequential, calibration_batches=calibration_batches, **convert_kwargs,
             ),  # fmt: skip
             "StructuredConversion",
         )

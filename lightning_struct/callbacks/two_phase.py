@@ -129,7 +129,12 @@ def fit_convert_finetune(
             fit_trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
             dense_metrics = _scalars(fit_trainer)
         batches = take_batches(train_loader_of(None, datamodule), calibration_batches)
-        report = convert(model, options, calibration=batches or None)
+        if batches:  # every batch drawn calibrates (the options' own cap must not drop some)
+            options = options.replace(calibration_batches=len(batches))
+        try:
+            report = convert(model, options, calibration=batches or None)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"{err}{_resume_hint(fit_trainer)}") from err
         _check_same_structure_across_ranks(model)
         log.info("fit_convert_finetune: %s", report)
     finetune_trainer = trainer_factory("finetune", [ConversionCheckpoint(lr_scale=lr_scale)])
@@ -138,6 +143,19 @@ def fit_convert_finetune(
         log_table(finetune_trainer, "conversion/layers", ConversionReport.COLUMNS, report.rows(), step=0)
     finetune_trainer.fit(model, datamodule=datamodule, ckpt_path=finetune_ckpt_path)
     return TwoPhaseResult(report, fit_trainer, finetune_trainer, dense_metrics)
+
+
+def _resume_hint(fit_trainer: pl.Trainer | None) -> str:
+    """How to convert again without repeating the dense phase that just finished."""
+    if fit_trainer is None:
+        return ""
+    ckpt = last_checkpoint(fit_trainer)
+    if ckpt is None:
+        return ""
+    return (
+        f"\nThe dense phase is saved: convert again without re-training it with conversion.fit=false "
+        f"conversion.init_ckpt={ckpt} (fit=False, init_ckpt=... in fit_convert_finetune)"
+    )
 
 
 def last_checkpoint(trainer: pl.Trainer) -> Path | None:

@@ -155,11 +155,12 @@ def convert(
     flops_all = [dense_flops(m, seen.in_shapes.get(n)) for n, m in shape_modules]
     flops_before = int(sum(f for f in flops_all if f is not None)) if batches else None
 
-    ctx = Context(opts, candidates, _exact_names(opts.include), seen, have_data)
+    ctx = Context(opts, candidates, _exact_names(opts.include), seen, have_data, modules=dict(model.named_modules()))
+    if opts.sequential:
+        ctx.inputs_after = _inputs_after(model, batches, seen)
     if opts.budget is not None and opts.budget_on == "latency":
         if not batches:
             raise ValueError("convert: budget_on='latency' needs input shapes: give calibration= or input_size=")
-        ctx.model_latency_s = _model_latency(model, batches[0], opts)
         ctx.latency_ratio = _latency_ratio(model, batches[0], opts)
     _CONVERTERS[opts.method](ctx)
     if opts.speed_check is not None:
@@ -203,21 +204,6 @@ def speed_input(batch: torch.Tensor, size: int) -> torch.Tensor:
     return batch.repeat(reps, *([1] * (batch.dim() - 1)))[:size]
 
 
-def _model_latency(model: nn.Module, batch: torch.Tensor, opts: ConversionOptions) -> float:
-    """The dense model's forward time on ``speed_batch`` rows, in the ``speed_check`` runtime (eager by default)."""
-    from lightning_struct.deploy.runtime import time_call
-
-    x = speed_input(batch, opts.speed_batch).to(device_of(model))
-    if (opts.speed_check or "eager") != "eager":
-        raise ValueError("convert: budget_on='latency' times the model in eager PyTorch; leave speed_check unset or 'eager'")
-
-    def run() -> None:
-        with torch.inference_mode(), eval_mode(model):
-            model(x)
-
-    return time_call(run, repeats=15, warmup=2, budget_s=10.0)
-
-
 def _latency_ratio(model: nn.Module, batch: torch.Tensor, opts: ConversionOptions) -> Callable[[dict[str, nn.Module]], float]:
     """A function timing ``model`` with some layers replaced against ``model`` itself (interleaved medians)."""
     import copy
@@ -242,6 +228,47 @@ def _latency_ratio(model: nn.Module, batch: torch.Tensor, opts: ConversionOption
         return statistics.median(times["conv"]) / statistics.median(times["dense"])
 
     return ratio
+
+
+class _Reached(Exception):
+    """Stops a calibration forward once the layer being fitted has seen its inputs."""
+
+
+def _inputs_after(model: nn.Module, batches: list[torch.Tensor], seen: Probe) -> Callable[[str, dict[str, nn.Module]], list[torch.Tensor]]:
+    """``sequential=True``: a function returning the inputs of layer ``name`` on the calibration
+    batches with the layers in ``replace`` swapped in (each forward stops at that layer)."""
+    device = device_of(model)
+
+    def inputs_after(name: str, replace: dict[str, nn.Module]) -> list[torch.Tensor]:
+        per_batch = max(1, len(seen.inputs.get(name, [])) // max(1, len(batches)))  # calls per forward
+        got: list[torch.Tensor] = []
+        count = [0]
+
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            x = first_tensor(args)
+            if x is not None:
+                got.append(x.detach().clone())
+                count[0] += 1
+            if count[0] >= per_batch:
+                raise _Reached
+
+        old = {n: specmod.replace_module(model, n, m) for n, m in replace.items()}
+        handle = model.get_submodule(name).register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad(), eval_mode(model):
+                for x in batches:
+                    count[0] = 0
+                    try:
+                        model(x.to(device))
+                    except _Reached:
+                        pass
+        finally:
+            handle.remove()
+            for n, m in old.items():
+                specmod.replace_module(model, n, m)
+        return got
+
+    return inputs_after
 
 
 def _keep_only_faster(model: nn.Module, ctx: Context, batch: torch.Tensor) -> None:
@@ -287,14 +314,16 @@ def _keep_only_faster(model: nn.Module, ctx: Context, batch: torch.Tensor) -> No
 
 
 def _output_errors(ctx: Context) -> None:
-    """Each converted layer's output error on its recorded inputs (dense layers still in place)."""
+    """Each converted layer's output error against the dense layer's recorded outputs: on the dense
+    inputs, or (``sequential=True``) on the inputs it gets in the converted network."""
     new_by_name = {n: m for n, m, _ in ctx.new_modules}
     for row in ctx.rows:
         if row.status != "converted" or row.name not in ctx.probe.inputs or row.name not in new_by_name:
             continue
         new = new_by_name[row.name]
+        inputs = ctx.fit_inputs.get(row.name, ctx.probe.inputs[row.name])
         with torch.no_grad(), eval_mode(new):
-            ys = [new(x) for x in ctx.probe.inputs[row.name]]
+            ys = [new(x) for x in inputs]
         row.output_rel_error = rel_err(
             torch.cat([y.flatten() for y in ys]), torch.cat([y.flatten() for y in ctx.probe.outputs[row.name]])
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +72,7 @@ def _plan_latency(plans: list[_Plan], ctx: Context) -> None:
     from lightning_struct.deploy.runtime import time_modules
 
     o = ctx.options
-    assert o.budget is not None and ctx.model_latency_s is not None
+    assert o.budget is not None and ctx.latency_ratio is not None
     costs, values, options, owners = [], [], [], []
     for i, p in enumerate(plans):
         if p.scheme == "tucker2":
@@ -199,20 +200,23 @@ def _round_up(
     return min(int(full), -(-int(rank) // multiple) * multiple)  # type: ignore[arg-type]
 
 
-def _layer_rows(module: nn.Module, inputs: list[Tensor]) -> tuple[list[Tensor], int]:
-    """The vectors the layer's weight multiplies (Linear: the inputs; conv: the unfolded patches)."""
+def _layer_columns(module: nn.Module, inputs: list[Tensor]) -> tuple[Iterator[Tensor], int]:
+    """The vectors the layer's weight multiplies, as column blocks (Linear: the inputs; conv: the
+    unfolded patches), generated a few at a time, and their dimension."""
     import torch.nn.functional as F
 
     if isinstance(module, nn.Linear):
-        return [x.reshape(-1, module.in_features) for x in inputs], module.in_features
+        return (c for x in inputs for c in wh.row_columns(x, module.in_features)), module.in_features
     conv: Any = module
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    rows = []
-    for x in inputs:
-        x = x if x.dim() == 4 else x.unsqueeze(0)
-        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-        rows.append(wh.patch_rows(x, conv.kernel_size, conv.stride, (0, 0), conv.dilation))
-    return rows, conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+
+    def blocks() -> Iterator[Tensor]:
+        for x in inputs:
+            x = x if x.dim() == 4 else x.unsqueeze(0)
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+            yield from wh.patch_columns(x, conv.kernel_size, conv.stride, (0, 0), conv.dilation)
+
+    return blocks(), conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
 
 
 def _whiten(ctx: Context, p: _Plan) -> None:
@@ -226,13 +230,15 @@ def _whiten(ctx: Context, p: _Plan) -> None:
     inputs = ctx.probe.inputs.get(p.name)
     if not inputs:
         raise ValueError(f"convert: objective='output' needs the calibration inputs of layer {p.name!r}; the forward did not reach it")
-    rows, dim = _layer_rows(m, inputs)
-    cov, n = wh.input_covariance(rows, dim)
+    cols, dim = _layer_columns(m, inputs)
+    cov, n = wh.gram(cols)
     if n < dim:
+        need = -(-dim * len(inputs) // max(n, 1))  # batches like these
         raise ValueError(
             f"convert: objective='output' needs at least {dim} calibration rows for layer {p.name!r} "
             f"(its input dimension{' C*kh*kw' if isinstance(m, nn.Conv2d) else ''} is {dim}); the calibration "
-            f"gave {n}: pass more data (a larger calibration or calibration_batches)"
+            f"gave {n} in {len(inputs)} batch(es): pass at least {need} batches like these "
+            f"(calibration_batches={need}, or a larger calibration)"
         )
     p.whitening = wh.whitening(cov / n)
     w2d = m.weight.detach().reshape(m.weight.shape[0], -1)  # type: ignore[union-attr]
@@ -247,6 +253,26 @@ def _output_factors(new: nn.Module, dense: nn.Module, p: _Plan) -> None:
     with torch.no_grad():
         new.first.weight.copy_(first.reshape(new.first.weight.shape))  # type: ignore[union-attr]
         new.second.weight.copy_(second.reshape(new.second.weight.shape))  # type: ignore[union-attr]
+
+
+def _fit_sequentially(ctx: Context, plans: dict[str, _Plan]) -> None:
+    """``sequential=True``: refit each new layer, in forward order, on the inputs it receives with
+    the layers before it already converted (reduced-rank regression of its dense outputs)."""
+    order = {name: k for k, name in enumerate(ctx.probe.inputs)}  # the order the forward reached them
+    done: dict[str, nn.Module] = {}
+    for name, new, _ in sorted(ctx.new_modules, key=lambda t: order.get(t[0], len(order))):
+        p, dense = plans[name], ctx.module(name)
+        converted = ctx.inputs_after(name, done) if done else ctx.probe.inputs[name]
+        cov, n = wh.gram(_layer_columns(dense, converted)[0])
+        cross, _ = wh.gram(_layer_columns(dense, ctx.probe.inputs[name])[0], _layer_columns(dense, converted)[0])
+        s = wh.whitening(cov / n)
+        w = dense.weight.detach()  # type: ignore[union-attr]
+        first, second = wh.output_aware_factors(w.reshape(w.shape[0], -1), s.to(w.device), int(p.rank), cross=(cross / n).to(w.device))  # type: ignore[arg-type]
+        with torch.no_grad():
+            new.first.weight.copy_(first.reshape(new.first.weight.shape))  # type: ignore[union-attr]
+            new.second.weight.copy_(second.reshape(new.second.weight.shape))  # type: ignore[union-attr]
+        done[name] = new
+        ctx.fit_inputs[name] = converted
 
 
 def convert_lowrank(ctx: Context) -> None:
@@ -309,15 +335,21 @@ def convert_lowrank(ctx: Context) -> None:
             new: nn.Module = LowRankConv2d.from_dense(m, rank=p.rank, scheme=p.scheme)
         else:
             new = LowRankLinear.from_dense(m, rank=int(p.rank))  # type: ignore[arg-type]
-        if p.whitening is not None:
+        if p.whitening is not None and not o.sequential:
             _output_factors(new, m, p)
         spec = new.spec()  # type: ignore[operator]
         row.kind = spec["kind"]
         row.detail = {"scheme": p.scheme, "rank": p.rank, "objective": o.objective}
+        if o.sequential:
+            row.detail["sequential"] = True
         if p.latency is not None:
             row.detail.update(dense_ms=p.latency[0] * 1e3, converted_ms=p.latency[1] * 1e3)
         row.params_after = sum(q.numel() for q in new.parameters())
         row.flops_after = flops_after
-        with torch.no_grad():
-            row.weight_rel_error = rel_err(new.dense_weight(), m.weight)  # type: ignore[operator]
         ctx.new_modules.append((p.name, new, spec))
+    if o.sequential:
+        _fit_sequentially(ctx, {p.name: p for p in plans})
+    rows = {r.name: r for r in ctx.rows}
+    for name, new, _ in ctx.new_modules:
+        with torch.no_grad():
+            rows[name].weight_rel_error = rel_err(new.dense_weight(), ctx.module(name).weight)  # type: ignore[operator]

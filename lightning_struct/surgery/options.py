@@ -48,7 +48,7 @@ class ConversionOptions:
             dense cost or an absolute count ``> 1``; ranks are allocated greedily.
         budget_on: ``"params"``, ``"flops"`` (multiply-accumulates; needs input shapes) or
             ``"latency"``: ``budget`` is a fraction of the dense model's measured forward latency
-            (batch ``speed_batch``, in the ``speed_check`` runtime, eager by default). Each
+            (batch ``speed_batch``, in eager PyTorch). Each
             layer's candidate ranks are timed on its input shape (cached per shape and device),
             the allocation is greedy by retained (output, with ``objective="output"``) energy per
             second saved, and a layer is factorized only at ranks that time faster than dense.
@@ -86,6 +86,11 @@ class ConversionOptions:
             closed form by whitening with the input covariance, SVD-LLM style; the rank rules then
             read the whitened spectrum). ``"output"`` needs calibration data and supports the
             channel scheme (``groups=1``) and Linear layers.
+        sequential: with ``objective="output"``: fit the layers in forward order, each on the
+            inputs it receives once the layers before it are converted (one partial calibration
+            forward per layer), so its factors also correct the error arriving from upstream
+            (reduced-rank regression of the dense outputs on those inputs) instead of letting
+            it compound. The ranks are still planned on the dense inputs' spectra.
 
     Raises:
         ValueError / TypeError: at construction, naming the key, the value and what is allowed.
@@ -116,6 +121,7 @@ class ConversionOptions:
     speed_check: str | None = None
     speed_batch: int = 1
     objective: str = "weight"
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         where = f"convert(method={self.method!r})"
@@ -142,6 +148,11 @@ class ConversionOptions:
         check_choice(self.budget_on, "budget_on", BUDGET_ON, where)
         if self.budget_on == "latency" and self.budget is not None and self.budget > 1.0:
             raise ValueError(f"{where}: budget_on='latency' takes budget as a fraction (<= 1) of the dense latency; got {self.budget}")
+        if self.budget_on == "latency" and self.budget is not None and self.speed_check not in (None, "eager"):
+            raise ValueError(
+                f"{where}: budget_on='latency' times the model in eager PyTorch; leave speed_check unset or 'eager' "
+                f"(got speed_check={self.speed_check!r})"
+            )
         check_globs(self.include, "include", where)
         check_globs(self.exclude, "exclude", where)
         check_number(self.min_saving, "min_saving", where, minimum=0.0, maximum=1.0, open_max=True)
@@ -168,6 +179,9 @@ class ConversionOptions:
         check_choice(self.objective, "objective", OBJECTIVES, where)
         if self.objective == "output" and self.method != "lowrank":
             raise ValueError(f"{where}: objective='output' applies to method='lowrank'")
+        check_bool(self.sequential, "sequential", where)
+        if self.sequential and self.objective != "output":
+            raise ValueError(f"{where}: sequential=True fits each layer to its calibration inputs: it needs objective='output'")
         if self.objective == "output" and self.scheme != "channel":
             raise ValueError(
                 f"{where}: objective='output' supports scheme='channel' (and Linear layers); got scheme={self.scheme!r}"

@@ -23,7 +23,9 @@ class LayerReport:
         weight_rel_error: ``||W - W_approx||_F / ||W||_F`` of the layer's (effective) weight,
             ``None`` where the replacement has no dense equivalent to compare.
         output_rel_error: ``||y - y_approx|| / ||y||`` of the layer's output on the calibration
-            inputs (the dense model's inputs to that layer), ``None`` without calibration.
+            inputs (the dense model's inputs to that layer; with ``sequential=True`` the inputs it
+            gets in the converted network, against the dense layer's output in the dense network),
+            ``None`` without calibration.
     """
 
     name: str

@@ -271,3 +271,22 @@ def test_conversion_checkpoint_scales_lr_and_rebuilds_for_validate(tmp_path):
     out = t.validate(fresh, _dm(), ckpt_path=tmp_path / "finetune" / "ckpt" / "last.ckpt", verbose=False)
     assert isinstance(fresh.net.features.conv2, LowRankConv2d)
     assert out[0]["val/acc"] == pytest.approx(float(res.finetune_trainer.callback_metrics["val/acc"]), abs=0)
+
+
+@pytest.mark.slow
+def test_two_phase_output_objective_uses_every_calibration_batch_and_says_how_to_resume(tmp_path):
+    """fc1 takes 64 inputs: the output objective needs 64 calibration rows, i.e. 4 batches of 16.
+    The phase's calibration_batches decides (the options' own cap of 2 must not drop batches);
+    too few batches fail after the dense phase with the command that converts its checkpoint."""
+    pl.seed_everything(0)
+    dm = DigitsDataModule(batch_size=16, image_size=8, seed=0)
+
+    def factory(phase: str, extra: list[Callback]) -> pl.Trainer:
+        return _trainer(tmp_path / phase, 1, list(extra), limit_train_batches=4, limit_val_batches=1)
+
+    opts = {"method": "lowrank", "rank": 4, "include": INCLUDE, "objective": "output", "sequential": True, "calibration_batches": 2}
+    res = fit_convert_finetune(factory, _model(), dm, opts, calibration_batches=4)
+    assert res.report is not None and len(res.report.converted) == 4
+    assert all(r.detail["sequential"] for r in res.report.converted)
+    with pytest.raises(ValueError, match=r"pass at least 4 batches like these[\s\S]*conversion\.fit=false conversion\.init_ckpt=\S+last\S*\.ckpt"):
+        fit_convert_finetune(factory, _model(), dm, opts, calibration_batches=2)
