@@ -167,6 +167,9 @@ def convert(
         if not batches:
             raise ValueError(f"convert: speed_check={opts.speed_check!r} needs input shapes: give calibration= or input_size=")
         _keep_only_faster(model, ctx, batches[0])
+        if opts.speed_check == "eager" and ctx.measured_ratio is None and ctx.new_modules:
+            # every rank rule reports what the whole network measures (the latency budget already did)
+            ctx.measured_ratio = _latency_ratio(model, batches[0], opts)({n: m for n, m, _ in ctx.new_modules})
     if have_data:
         _output_errors(ctx)
 

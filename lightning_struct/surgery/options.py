@@ -79,7 +79,9 @@ class ConversionOptions:
             replacement against its dense layer on the layer's input shape in that runtime
             (``lightning_struct.deploy.runtime.time_modules``, the measurement ``bench deploy``
             and ``export(fold="slower")`` use) and keep the dense layer when the replacement
-            is not faster. Needs input shapes (a calibration or ``input_size``).
+            is not faster. Needs input shapes (a calibration or ``input_size``). With ``"eager"``
+            the report's ``latency_ratio`` is then the whole converted network's measured
+            forward time over the dense one's, whatever the rank rule.
         speed_batch: the batch size of those timings (default 1).
         objective: low-rank: ``"weight"`` (default: truncated SVD of each weight) or ``"output"``
             (the rank-r factors minimizing the layer's output error on the calibration inputs,

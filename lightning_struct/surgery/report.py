@@ -53,6 +53,9 @@ class ConversionReport:
         output_rel_error: relative error of the whole model's output on the calibration batch
             (``None`` without calibration).
         spec: the entries added to the conversion spec.
+        latency_ratio: the converted network's measured forward time over the dense network's
+            (interleaved medians, batch ``speed_batch``, eager), with ``budget_on="latency"`` or
+            ``speed_check="eager"``; ``None`` otherwise.
     """
 
     method: str
@@ -63,7 +66,7 @@ class ConversionReport:
     layers: list[LayerReport] = field(default_factory=list)
     output_rel_error: float | None = None
     spec: list[dict[str, Any]] = field(default_factory=list)
-    latency_ratio: float | None = None  # budget_on="latency": measured converted / dense forward time
+    latency_ratio: float | None = None  # budget_on="latency" or speed_check="eager": measured converted / dense forward time
 
     @property
     def converted(self) -> list[LayerReport]:

@@ -77,3 +77,18 @@ def test_time_modules_in_onnxruntime():
     t = time_modules({"lin": nn.Linear(8, 8)}, (1, 8), "onnxruntime")
     assert t["lin"] > 0
 
+
+
+def test_speed_check_eager_reports_the_whole_network_latency_for_any_rank_rule():
+    """An energy rule with speed_check='eager' reports latency_ratio: the converted network's
+    measured time over the dense one (here a 1024-wide MLP at rank 16: well below 1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    with torch.no_grad():
+        model[2].weight.copy_(torch.randn(1024, 16) @ torch.randn(16, 1024) / 32)
+    report = convert(model, "lowrank", energy=0.99, include=["2"], input_size=(64,), speed_check="eager", speed_batch=64)
+    assert isinstance(model[2], LowRankLinear)
+    assert report.latency_ratio is not None and 0.0 < report.latency_ratio < 0.9, report.latency_ratio
+    assert report.scalars()["conversion/latency_ratio"] == report.latency_ratio
+    plain = convert(_mlp(), "lowrank", energy=0.5, input_size=(32,))
+    assert plain.latency_ratio is None  # nothing measured, nothing claimed
