@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import csv
 import logging
+from pathlib import Path
 from typing import Any
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +82,65 @@ class CSVLogger(_LightningCSVLogger):
 
 
 class WandbLogger(_LightningWandbLogger):
-    """Lightning's ``WandbLogger`` (same arguments) that does not pass a deprecated setting to ``wandb.init``.
+    """Lightning's ``WandbLogger`` (same arguments) that leaves a run readable without W&B.
 
-    Lightning always sends ``anonymous=None``, and current ``wandb`` then prints "The anonymous
-    setting has no effect" on every run; the key is dropped unless it was asked for.
+    * At the end of each stage (``finalize``) it writes ``config.yaml`` (the run's config) and
+      ``summary.json`` (the last value of every logged metric, plus what callbacks put in the
+      summary, e.g. the spectral monitor's ``spectral_final/...``) into the run's ``files/``
+      directory. An offline run (``wandb/offline-run-*/files/``) is then inspectable with a text
+      editor or ``json.load``; wandb 0.31 has no public reader for the ``.wandb`` file itself.
+    * Lightning always sends ``anonymous=None``, and current ``wandb`` then prints "The anonymous
+      setting has no effect" on every run; the key is dropped unless it was asked for.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self._wandb_init.get("anonymous") is None:
             self._wandb_init.pop("anonymous", None)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        try:
+            self.write_run_files()
+        except Exception as err:  # a convenience copy: never fail the run for it
+            log.warning("WandbLogger: could not write config.yaml / summary.json: %s", err)
+        super().finalize(status)
+
+    def write_run_files(self) -> tuple[Path, Path] | None:
+        """Write ``config.yaml`` and ``summary.json`` into the run's ``files/`` directory; returns their paths."""
+        run = self._experiment
+        if run is None or not getattr(run, "dir", None):
+            return None
+        import json
+
+        import yaml
+
+        files = Path(run.dir)
+        files.mkdir(parents=True, exist_ok=True)
+        config = _plain(dict(run.config))
+        summary = _plain({k: v for k, v in dict(run.summary).items()})
+        cfg_path, sum_path = files / "config.yaml", files / "summary.json"
+        cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        sum_path.write_text(json.dumps(summary, indent=1, sort_keys=True))
+        return cfg_path, sum_path
+
+
+def _plain(value: Any) -> Any:
+    """JSON/YAML-safe copy: mappings and sequences recursively, numbers as numbers (NaN/inf as
+    strings), anything else by ``str``."""
+    import math
+    from collections.abc import Mapping
+
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    try:
+        as_float = float(value)  # numpy / torch scalars
+    except (TypeError, ValueError):
+        return str(value)
+    return as_float if math.isfinite(as_float) else str(as_float)

@@ -39,6 +39,7 @@ from lightning_struct.ops.spectral import (
     clip_conv_operator_norm,
     lipschitz_bound,
     model_spectra,
+    padded_conv_norm,
 )
 from lightning_struct.select import InputSizeRecorder, resolve_types, select_layers, weight_parameter
 from lightning_struct.surgery import CONVERTED_TYPES
@@ -46,6 +47,8 @@ from lightning_struct.surgery import CONVERTED_TYPES
 log = logging.getLogger(__name__)
 
 _WHERE = "SpectralMonitor"
+#: sorted spectra kept per layer for the over-time views (the first epoch and the latest)
+_MAX_EPOCH_LINES = 24
 
 
 class SpectralMonitor(Callback):
@@ -60,18 +63,30 @@ class SpectralMonitor(Callback):
         spectral/<layer>/stable_rank       sum sigma^2 / sigma_max^2
         spectral/<layer>/effective_rank    exp(entropy of sigma / sum sigma)
         spectral/<layer>/reshape_bound     sqrt(k1*k2) * sigma_max(W as C_out x C_in*k*k) (an upper bound)
-        spectral/lipschitz_bound           product of the layers' sigma_max
+        spectral/block/<block>/lipschitz_bound   per residual block (see below)
         spectral/time_s                    wall time of this monitoring pass
 
-    ``spectral/lipschitz_bound`` is the product over the *selected* layers: an upper bound on the
-    network's Lipschitz constant for a plain chain of those layers with 1-Lipschitz activations;
-    normalisation layers and residual branches are not accounted for.
+    Lipschitz figures. One product of all layers' ``sigma_max`` bounds nothing in a residual
+    network with normalisation (it reaches 1e10-1e15 on a ResNet), so it is logged only with
+    ``lipschitz="chain"`` (``spectral/lipschitz_bound``: a bound for a plain chain of the selected
+    layers with 1-Lipschitz activations, the user's claim to make). What is always logged, for
+    every residual block whose convs are all monitored (torchvision ``BasicBlock`` /
+    ``Bottleneck``, :mod:`lightning_struct.models.resnet_cifar`), is an honest bound of that block
+    in eval mode: ``L(shortcut) + prod_i sigma_max(conv_i) * max|gamma_i / sqrt(var_i + eps)|``
+    (each BatchNorm is a per-channel scaling; identity or option-A shortcuts count 1).
 
-    At epoch end it also draws all layers' sorted spectra into
-    ``<run dir>/spectra/epoch_<NNN>.png`` and, when a ``WandbLogger`` is present, logs per layer a
-    ``wandb.Histogram`` of the singular values (``spectral_hist/<layer>``), a line chart of the sorted
-    spectrum at each epoch so far (``spectral_lines/<layer>``), one table of every layer's
-    statistics (``spectral/table``) and the PNG (``spectral/plot``).
+    At epoch end (``full_every_n_epochs``) it also draws, in ``<run dir>/spectra/``:
+    ``epoch_<NNN>.png`` (small multiples of every layer's sorted spectrum, zeros counted not
+    drawn), ``heatmap.png`` (sigma_max / condition number / stable rank, layers by epochs) and
+    ``over_time.png`` (each layer's spectra of all epochs so far), and writes ``summary.json``
+    (the last statistics and every epoch's, readable without W&B). With a ``WandbLogger`` it logs
+    the three figures (``spectral/plot``, ``spectral/heatmap``, ``spectral/over_time``), one
+    table of every layer's statistics (``spectral/table``), a line chart of the sorted spectrum
+    at each epoch so far per layer (``spectral_lines/<layer>``), line charts of sigma_max and the
+    condition number over epochs grouped by network stage (``spectral_trends/<stat> <stage>``),
+    every ``histogram_every_n_epochs`` a ``wandb.Histogram`` per layer (``spectral_hist/<layer>``),
+    and at the end of training the final statistics in the run's ``summary``
+    (``spectral_final/<layer>/<stat>``).
 
     Each layer's input resolution is learned from a forward pre-hook on the first training batch
     (no user input). All work runs under ``torch.no_grad()`` on rank zero only; a layer whose
@@ -95,6 +110,14 @@ class SpectralMonitor(Callback):
         on_unsupported: ``"raise"`` or ``"skip"`` for a layer named in ``include`` that is not supported.
         plot: save the epoch-end PNG in the run directory.
         histogram_bins: bins of the W&B histograms (<= 512).
+        histogram_every_n_epochs: epoch period of the W&B histograms (``0``: never).
+        boundary: ``"periodic"`` (default: the LFA spectrum, exact for the periodic operator) or
+            ``"both"``: for every conv with zero padding, also ``spectral/<layer>/sigma_max_padded``,
+            the norm of the operator PyTorch applies (zero padding, real input size) by restarted
+            Lanczos with exact adjoints, warm-started from the previous call (about 21 conv
+            pairs of one example per layer and call once warm; 63 cold).
+        lipschitz: ``"none"`` (default) or ``"chain"``: also log the product of all selected
+            layers' ``sigma_max`` as ``spectral/lipschitz_bound`` (meaningful for plain chains).
         max_norm: clip conv operator norms to this value (``None``: no clipping).
         clip_every_n_steps: clipping period in optimizer steps (required with ``max_norm``).
         clip_n_iter: alternating projections per clipping.
@@ -122,6 +145,9 @@ class SpectralMonitor(Callback):
         on_unsupported: Literal["raise", "skip"] = "raise",
         plot: bool = True,
         histogram_bins: int = 64,
+        histogram_every_n_epochs: int = 1,
+        lipschitz: Literal["none", "chain"] = "none",
+        boundary: Literal["periodic", "both"] = "periodic",
         max_norm: float | None = None,
         clip_every_n_steps: int | None = None,
         clip_n_iter: int = 1,
@@ -146,6 +172,10 @@ class SpectralMonitor(Callback):
         self.on_unsupported = check_choice(on_unsupported, "on_unsupported", ("raise", "skip"), _WHERE)
         self.plot = check_bool(plot, "plot", _WHERE)
         self.histogram_bins = check_int(histogram_bins, "histogram_bins", _WHERE, minimum=1, maximum=512)  # W&B limit
+        self.histogram_every_n_epochs = check_int(histogram_every_n_epochs, "histogram_every_n_epochs", _WHERE, minimum=0)
+        self.lipschitz = check_choice(lipschitz, "lipschitz", ("none", "chain"), _WHERE)
+        self.boundary = check_choice(boundary, "boundary", ("periodic", "both"), _WHERE)
+        self._padded_start: dict[str, torch.Tensor] = {}
         self.max_norm = check_number(
             max_norm, "max_norm", _WHERE, minimum=0, maximum=math.inf, open_min=True, open_max=True, optional=True
         )
@@ -170,6 +200,10 @@ class SpectralMonitor(Callback):
         self.history: dict[str, dict[str, np.ndarray]] = {}
         #: the statistics of the last pass, {layer: {stat: value}}
         self.last_stats: dict[str, dict[str, float]] = {}
+        #: the statistics of every epoch-end pass, {epoch: {layer: {stat: value}}}
+        self.stats_history: dict[int, dict[str, dict[str, float]]] = {}
+        #: residual blocks and their bounds at the last pass, {block: bound}
+        self.block_bounds: dict[str, float] = {}
         self.last_plot: Path | None = None
 
     # ----------------------------------------------------------------------------- setup
@@ -332,51 +366,93 @@ class SpectralMonitor(Callback):
             log.warning("SpectralMonitor: spectra failed at step %d: %s", trainer.global_step, err)
             return
         stats = {name: layer.stats for name, layer in spectra.items()}
+        if self.boundary == "both":
+            self._padded_norms(stats)
         self.last_stats = stats
         metrics = {f"spectral/{name}/{key}": val for name, st in stats.items() for key, val in st.items()}
-        if stats:
+        if stats and self.lipschitz == "chain":
             metrics["spectral/lipschitz_bound"] = lipschitz_bound(spectra)
+        self.block_bounds = residual_block_bounds(trainer.lightning_module, stats)
+        metrics.update({f"spectral/block/{name}/lipschitz_bound": b for name, b in self.block_bounds.items()})
         if epoch_end:
             values = {name: layer.values for name, layer in spectra.items() if layer.values is not None}
             self._epoch_payloads(trainer, stats, values)
         metrics["spectral/time_s"] = time.perf_counter() - t0
         log_scalars(trainer, metrics)
 
+    @torch.no_grad()
+    def _padded_norms(self, stats: dict[str, dict[str, float]]) -> None:
+        """``sigma_max_padded`` of every zero-padded conv (the real operator), warm-started."""
+        for name, module in self.layers:
+            if not isinstance(module, CONV_TYPES) or module.padding_mode != "zeros" or name not in stats:
+                continue
+            w = module.weight.detach()  # the effective kernel (pruned / parametrized included)
+            if not torch.isfinite(w).all():
+                continue
+            dtype = self.dtype or (torch.float64 if w.dtype == torch.float64 else torch.float32)
+            sigma, v, _ = padded_conv_norm(
+                w.to(dtype), self.input_sizes[name], stride=module.stride, padding=module.padding,
+                dilation=module.dilation, groups=module.groups, start=self._padded_start.get(name),
+            )  # fmt: skip
+            self._padded_start[name] = v
+            stats[name]["sigma_max_padded"] = sigma
+
     def _epoch_payloads(
         self, trainer: pl.Trainer, stats: dict[str, dict[str, float]], values: dict[str, torch.Tensor]
     ) -> None:
-        from lightning_struct.viz.spectra import downsample_sorted, plot_spectra
+        from lightning_struct.viz.spectra import downsample_sorted
 
         epoch = trainer.current_epoch
         for name, v in values.items():
-            self.history.setdefault(name, {})[f"epoch {epoch}"] = downsample_sorted(v)
+            kept = self.history.setdefault(name, {})
+            kept[f"epoch {epoch}"] = downsample_sorted(v)
+            while len(kept) > _MAX_EPOCH_LINES:  # keep the first epoch and the latest ones
+                del kept[list(kept)[1]]
+        self.stats_history[epoch] = {name: dict(st) for name, st in stats.items()}
+        out = Path(_run_dir(trainer)) / "spectra"
+        figures: dict[str, Path] = {}
         if self.plot and values:
-            run_dir = Path(_run_dir(trainer))
-            try:
-                self.last_plot = plot_spectra(
-                    values, run_dir / "spectra" / f"epoch_{epoch:03d}.png", title=f"layer spectra (periodic boundary), epoch {epoch}"
-                )
-            except Exception as err:
-                log.warning("SpectralMonitor: plot failed: %s", err)
+            figures = self._plots(out, epoch, values)
+        try:
+            write_summary(out / "summary.json", self.stats_history, self.input_sizes, self.block_bounds)
+        except OSError as err:
+            log.warning("SpectralMonitor: could not write %s: %s", out / "summary.json", err)
         if not wandb_loggers(trainer):
             return
-        import wandb
+        histograms = bool(self.histogram_every_n_epochs) and (epoch + 1) % self.histogram_every_n_epochs == 0
+        log_wandb(trainer, wandb_payload(stats, values, self.history, self.stats_history, self.input_sizes, figures,
+                                         self.histogram_bins if histograms else 0))  # fmt: skip
 
-        from lightning_struct.viz.spectra import wandb_histogram, wandb_spectrum_lines
+    def _plots(self, out: Path, epoch: int, values: dict[str, torch.Tensor]) -> dict[str, Path]:
+        from lightning_struct.viz.spectra import plot_spectra, plot_spectra_over_time, plot_stat_heatmaps
 
-        payload: dict[str, Any] = {}
-        for name, v in values.items():
-            payload[f"spectral_hist/{name}"] = wandb_histogram(v, self.histogram_bins)
-            payload[f"spectral_lines/{name}"] = wandb_spectrum_lines(self.history[name], f"sorted spectrum of {name}")
-        columns = ["layer", "input_size", *SPECTRUM_STATS]
-        rows = [
-            [name, "x".join(map(str, self.input_sizes.get(name, ()))) or "-", *(st.get(k, math.nan) for k in columns[2:])]
-            for name, st in stats.items()
-        ]
-        payload["spectral/table"] = wandb.Table(columns=columns, data=rows)
-        if self.last_plot is not None:
-            payload["spectral/plot"] = wandb.Image(str(self.last_plot))
-        log_wandb(trainer, payload)
+        figures: dict[str, Path] = {}
+        jobs = {
+            "plot": lambda: plot_spectra(values, out / f"epoch_{epoch:03d}.png",
+                                         title=f"layer spectra (periodic boundary), epoch {epoch}"),
+            "heatmap": lambda: plot_stat_heatmaps(self.stats_history, out / "heatmap.png",
+                                                  title=f"per-layer statistics, epochs {min(self.stats_history)}-{epoch}"),
+            "over_time": lambda: plot_spectra_over_time(self.history, out / "over_time.png",
+                                                        title=f"how each layer's spectrum moves, epochs {min(self.stats_history)}-{epoch}"),
+        }  # fmt: skip
+        for key, job in jobs.items():
+            try:
+                figures[key] = job()
+            except Exception as err:  # a plot must never stop training
+                log.warning("SpectralMonitor: %s plot failed: %s", key, err)
+        self.last_plot = figures.get("plot")
+        return figures
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.last_stats:
+            return
+        final = {f"spectral_final/{name}/{key}": val for name, st in self.last_stats.items() for key, val in st.items()}
+        for lg in wandb_loggers(trainer):
+            try:
+                lg.experiment.summary.update(final)
+            except Exception as err:  # the summary is a convenience; never fail the run for it
+                log.warning("SpectralMonitor: W&B summary update failed: %s", err)
 
     # ----------------------------------------------------------------------------- state
     @override
@@ -385,6 +461,9 @@ class SpectralMonitor(Callback):
             "last_step_logged": self._last_step_logged,
             "last_clip_step": self._last_clip_step,
             "input_sizes": {k: list(v) for k, v in self.input_sizes.items()},
+            # the over-time views continue after a resume (small: statistics and 256-point spectra)
+            "stats_history": {int(e): h for e, h in self.stats_history.items()},
+            "history": {n: {k: [float(x) for x in v] for k, v in h.items()} for n, h in self.history.items()},
         }
 
     @override
@@ -393,3 +472,134 @@ class SpectralMonitor(Callback):
         self._last_step_logged = int(state_dict.get("last_step_logged", -1))
         self._last_clip_step = int(state_dict.get("last_clip_step", -1))
         self.input_sizes.update({k: tuple(v) for k, v in state_dict.get("input_sizes", {}).items()})
+        self.stats_history.update({int(e): dict(h) for e, h in state_dict.get("stats_history", {}).items()})
+        for name, h in state_dict.get("history", {}).items():
+            self.history.setdefault(name, {}).update({k: np.asarray(v, dtype=np.float64) for k, v in h.items()})
+
+
+def _bn_scale(bn: nn.Module) -> float:
+    """Lipschitz constant of an eval-mode BatchNorm: ``max |gamma| / sqrt(running_var + eps)``."""
+    var = getattr(bn, "running_var", None)
+    if var is None:
+        return math.nan
+    gamma = bn.weight.detach().abs() if getattr(bn, "weight", None) is not None else torch.ones_like(var)
+    return float((gamma / torch.sqrt(var.detach() + bn.eps)).max())
+
+
+def residual_block_bounds(model: nn.Module, stats: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Upper bounds of the Lipschitz constants of the residual blocks whose convs were all measured.
+
+    A block computes ``relu(shortcut(x) + bn_k(conv_k(... relu(bn_1(conv_1(x))))))``: its bound is
+    ``L(shortcut) + prod_i sigma_max(conv_i) * scale(bn_i)``; the shortcut is the identity / a
+    parameter-free subsample (1) or a conv + BatchNorm (``sigma_max * scale``).
+    """
+    out: dict[str, float] = {}
+    if model is None:
+        return out
+    for name, block in model.named_modules():
+        convs = [k for k in ("conv1", "conv2", "conv3") if isinstance(getattr(block, k, None), nn.Conv2d)]
+        bns = [k.replace("conv", "bn") for k in convs]
+        if len(convs) < 2 or not all(isinstance(getattr(block, b, None), nn.BatchNorm2d) for b in bns):
+            continue
+        short = getattr(block, "downsample", None)
+        if short is None:
+            short = getattr(block, "shortcut", None)
+        names = [f"{name}.{c}" if name else c for c in convs]
+        if not all(n in stats for n in names):
+            continue
+        branch = 1.0
+        for n, b in zip(names, bns):
+            branch *= stats[n].get("sigma_max", math.nan) * _bn_scale(getattr(block, b))
+        shortcut = 1.0
+        if isinstance(short, nn.Sequential) and len(short) and isinstance(short[0], nn.Conv2d):
+            sname = next((n for n, m in model.named_modules() if m is short[0]), None)
+            if sname is None or sname not in stats:
+                continue
+            shortcut = stats[sname].get("sigma_max", math.nan) * (_bn_scale(short[1]) if len(short) > 1 else 1.0)
+        out[name] = shortcut + branch
+    return out
+
+
+def write_summary(
+    path: Path, stats_history: dict[int, dict[str, dict[str, float]]], input_sizes: dict[str, tuple[int, ...]],
+    block_bounds: dict[str, float],
+) -> Path:
+    """``summary.json``: the last and every epoch's per-layer statistics (NaN/inf as strings)."""
+    import json
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)
+        return v
+
+    last = stats_history[max(stats_history)] if stats_history else {}
+    data = {
+        "boundary": "periodic",
+        "input_sizes": {k: list(v) for k, v in input_sizes.items()},
+        "final_epoch": max(stats_history) if stats_history else None,
+        "final": {n: {k: clean(v) for k, v in st.items()} for n, st in last.items()},
+        "block_lipschitz_bounds": {k: clean(v) for k, v in block_bounds.items()},
+        "epochs": {str(e): {n: {k: clean(v) for k, v in st.items()} for n, st in h.items()} for e, h in stats_history.items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def wandb_payload(
+    stats: dict[str, dict[str, float]], values: dict[str, torch.Tensor], history: dict[str, dict[str, np.ndarray]],
+    stats_history: dict[int, dict[str, dict[str, float]]], input_sizes: dict[str, tuple[int, ...]],
+    figures: dict[str, Path], histogram_bins: int,
+) -> dict[str, Any]:
+    """The epoch-end W&B payload (``histogram_bins=0``: no histograms this time)."""
+    import wandb
+
+    from lightning_struct.viz.spectra import group_layers, wandb_histogram, wandb_spectrum_lines
+
+    payload: dict[str, Any] = {}
+    for name, v in values.items():
+        if histogram_bins:
+            payload[f"spectral_hist/{name}"] = wandb_histogram(v, histogram_bins)
+        if name in history:
+            payload[f"spectral_lines/{name}"] = wandb_spectrum_lines(history[name], f"sorted spectrum of {name}")
+    columns = ["layer", "input_size", *SPECTRUM_STATS]
+    rows = [
+        [name, "x".join(map(str, input_sizes.get(name, ()))) or "-", *(st.get(k, math.nan) for k in columns[2:])]
+        for name, st in stats.items()
+    ]
+    payload["spectral/table"] = wandb.Table(columns=columns, data=rows)
+    epochs = sorted(stats_history)
+    stages = group_layers(list(stats), max_panels=12) if len(stats) > 12 else {"all layers": list(stats)}
+    for stat in ("sigma_max", "condition_number"):
+        for stage, members in stages.items():
+            ys = [[float(stats_history[e].get(n, {}).get(stat, math.nan)) for e in epochs] for n in members]
+            payload[f"spectral_trends/{stat} {stage}"] = wandb.plot.line_series(
+                xs=[float(e) for e in epochs], ys=ys, keys=members, title=f"{stat} per layer, {stage}", xname="epoch"
+            )
+    for key, fig in figures.items():
+        payload[f"spectral/{key}"] = wandb.Image(str(fig))
+    return payload
+
+
+def payload_bytes(payload: dict[str, Any]) -> int:
+    """An upper estimate of what a W&B payload sends: image files, table/chart data as JSON, histograms."""
+    import json
+    import os
+
+    total = 0
+    for value in payload.values():
+        path = getattr(value, "_path", None)
+        if path and os.path.isfile(path):
+            total += os.path.getsize(path)
+            continue
+        table = getattr(value, "table", value)
+        data = getattr(table, "data", None)
+        if data is not None:
+            total += len(json.dumps(data, default=str))
+            continue
+        hist = getattr(value, "histogram", None)
+        if hist is not None:
+            total += 16 * (len(hist) + 1)
+            continue
+        total += len(json.dumps(value, default=str))
+    return total

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -47,7 +49,7 @@ def _fit(tmp_path, cb, *, steps=8, epochs=1, logger=None, model=None, ckpt_path=
 
 
 def test_logs_exact_statistics_on_real_input_sizes(tmp_path):
-    cb = SpectralMonitor(every_n_steps=4)
+    cb = SpectralMonitor(every_n_steps=4, lipschitz="chain")
     trainer, model = _fit(tmp_path, cb)
     assert cb.input_sizes["net.features.conv1"] == (8, 8)
     assert cb.input_sizes["net.features.conv3"] == (4, 4)  # after the 2x2 pool
@@ -88,7 +90,7 @@ def test_nan_weights_are_reported_not_fatal(tmp_path, caplog):
                 with torch.no_grad():
                     pl_module.net.features.conv2.weight[0, 0, 0, 0] = float("nan")
 
-    cb = SpectralMonitor(every_n_steps=2, full_every_n_epochs=None)
+    cb = SpectralMonitor(every_n_steps=2, full_every_n_epochs=None, lipschitz="chain")
     torch.manual_seed(0)
     trainer = pl.Trainer(
         max_epochs=1, limit_train_batches=4, limit_val_batches=0, logger=_Capture(tmp_path),
@@ -125,7 +127,31 @@ def test_wandb_payloads_offline(tmp_path, monkeypatch):
     assert isinstance(payload["spectral/table"], wandb.Table)
     assert isinstance(payload["spectral/plot"], wandb.Image)
     assert type(payload["spectral_lines/net.features.conv2"]).__name__ == "CustomChart"
+    assert type(payload["spectral_trends/sigma_max all layers"]).__name__ == "CustomChart"
+    assert isinstance(payload["spectral/heatmap"], wandb.Image) and isinstance(payload["spectral/over_time"], wandb.Image)
     assert "spectral/net.features.conv1/sigma_max" in payload
+    assert "spectral/lipschitz_bound" not in payload  # a product that bounds nothing in general: opt-in
+    # the run summary holds the final statistics, and summary.json the same without W&B
+    summary = json.loads((tmp_path / "spectra" / "summary.json").read_text())
+    assert summary["final"]["net.features.conv1"]["sigma_max"] == pytest.approx(payload["spectral/net.features.conv1/sigma_max"])
+    assert cb.last_stats and logger.experiment is not None
+
+
+def test_epoch_views_continue_after_a_resume_and_histograms_follow_their_period(tmp_path, monkeypatch):
+    sent: list[dict] = []
+    monkeypatch.setattr("lightning_struct.callbacks.spectral.log_wandb", lambda trainer, payload: sent.append(payload))
+    monkeypatch.setattr("lightning_struct.callbacks.spectral.wandb_loggers", lambda trainer: [object()])
+    cb = SpectralMonitor(every_n_steps=0, histogram_every_n_epochs=2)
+    trainer, _ = _fit(tmp_path / "a", cb, steps=2, epochs=2)
+    assert [any(k.startswith("spectral_hist/") for k in p) for p in sent] == [False, True]  # epochs 0, 1
+    ckpt = tmp_path / "a.ckpt"
+    trainer.save_checkpoint(ckpt)
+    cb2 = SpectralMonitor(every_n_steps=0, histogram_every_n_epochs=2)
+    _fit(tmp_path / "b", cb2, steps=2, epochs=3, ckpt_path=ckpt)
+    assert sorted(cb2.stats_history) == [0, 1, 2]  # the heatmap keeps the epochs before the resume
+    assert list(cb2.history["net.features.conv2"]) == ["epoch 0", "epoch 1", "epoch 2"]
+    for name in ("heatmap.png", "over_time.png", "epoch_002.png", "summary.json"):
+        assert (tmp_path / "b" / "spectra" / name).is_file(), name
 
 
 def test_clipping_bounds_operator_norm_on_every_step(tmp_path):
@@ -144,7 +170,7 @@ def test_resume_keeps_schedule_and_sizes(tmp_path):
     state = torch.load(ckpt, weights_only=True)["callbacks"]
     (key,) = [k for k in state if "SpectralMonitor" in k]
     # exactly what load_state_dict reads (the epoch schedule follows trainer.current_epoch)
-    assert set(state[key]) == {"last_step_logged", "last_clip_step", "input_sizes"}
+    assert set(state[key]) == {"last_step_logged", "last_clip_step", "input_sizes", "stats_history", "history"}
     assert state[key]["input_sizes"]["net.features.conv3"] == [4, 4]
     cb2 = SpectralMonitor(every_n_steps=5, full_every_n_epochs=None)
     trainer2, _ = _fit(tmp_path / "b", cb2, steps=4, epochs=2, ckpt_path=ckpt)
@@ -155,11 +181,13 @@ def test_resume_keeps_schedule_and_sizes(tmp_path):
 
 def test_state_dict_round_trip_and_old_checkpoints():
     cb = SpectralMonitor()
-    cb.load_state_dict({"last_step_logged": 7, "last_clip_step": 3, "input_sizes": {"conv": [8, 8]}})
-    assert cb.state_dict() == {"last_step_logged": 7, "last_clip_step": 3, "input_sizes": {"conv": [8, 8]}}
-    old = SpectralMonitor()  # a checkpoint written before the epoch counter was dropped
+    state = {"last_step_logged": 7, "last_clip_step": 3, "input_sizes": {"conv": [8, 8]},
+             "stats_history": {0: {"conv": {"sigma_max": 2.0}}}, "history": {"conv": {"epoch 0": [2.0, 1.0]}}}  # fmt: skip
+    cb.load_state_dict(state)
+    assert cb.state_dict() == state
+    old = SpectralMonitor()  # a checkpoint written before the epoch counter was dropped (and before the histories)
     old.load_state_dict({"last_step_logged": 4, "last_clip_step": -1, "epochs_done": 2, "input_sizes": {}})
-    assert old.state_dict() == {"last_step_logged": 4, "last_clip_step": -1, "input_sizes": {}}
+    assert old.state_dict() == {"last_step_logged": 4, "last_clip_step": -1, "input_sizes": {}, "stats_history": {}, "history": {}}
 
 
 def test_bad_arguments_and_selection():
@@ -209,3 +237,102 @@ def test_method_svd_resolves_small_singular_values():
     assert float(exact.min()) < 2e-3 * float(exact.max())  # ill-conditioned: near the float32 Gram floor
     with pytest.raises(ValueError, match="method='qr'"):
         SpectralMonitor(method="qr")
+
+
+def test_residual_block_bounds_hold_and_follow_the_formula():
+    """Each block's bound is at least its measured Lipschitz ratio on random pairs (eval mode),
+    and equals shortcut + prod sigma_max * BN scale for a torchvision BasicBlock."""
+    import torchvision
+
+    from lightning_struct.callbacks.spectral import _bn_scale, residual_block_bounds
+    from lightning_struct.ops.spectral import SUPPORTED_TYPES, model_spectra
+    from lightning_struct.select import InputSizeRecorder, select_layers
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    with torch.no_grad():
+        for bn in net.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5)
+    layers = select_layers(net, SUPPORTED_TYPES, None, None, what="test")
+    with torch.no_grad(), InputSizeRecorder(layers) as rec:
+        net(torch.zeros(1, 3, 32, 32))
+    stats = {n: layer.stats for n, layer in model_spectra(layers, rec.sizes, stats="norm").items()}
+    bounds = residual_block_bounds(net, stats)
+    assert set(bounds) == {f"layer{i}.{j}" for i in range(1, 5) for j in range(2)}
+    b = net.layer1[0]
+    expect = 1.0 + stats["layer1.0.conv1"]["sigma_max"] * _bn_scale(b.bn1) * stats["layer1.0.conv2"]["sigma_max"] * _bn_scale(b.bn2)
+    assert bounds["layer1.0"] == pytest.approx(expect)
+    feats = {}
+    net.layer2[0].register_forward_pre_hook(lambda m, a: feats.setdefault("x", a[0]))
+    with torch.no_grad():
+        net(torch.randn(1, 3, 32, 32))
+        x = feats["x"]
+        bn_shift = net.layer2[0](x)  # a non-linear block: compare differences of outputs
+        for _ in range(8):
+            d = torch.randn_like(x) * 1e-2
+            ratio = (net.layer2[0](x + d) - bn_shift).norm() / d.norm()
+            assert float(ratio) <= bounds["layer2.0"] * (1 + 1e-5)
+    assert all(b < 1e3 for b in bounds.values())  # per block: modest numbers, unlike the chain product
+
+
+def test_wandb_payload_of_a_53_layer_network_stays_small(tmp_path):
+    """ResNet-50 (53 layers) at 32 px, 20 epochs of history: the epoch-end payload (three figures,
+    tables, trend and spectrum charts, histograms) stays far below W&B's 10 MB per log call."""
+    import torchvision
+
+    from lightning_struct.callbacks.spectral import payload_bytes, wandb_payload
+    from lightning_struct.ops.spectral import SUPPORTED_TYPES, model_spectra
+    from lightning_struct.select import InputSizeRecorder, select_layers
+    from lightning_struct.viz.spectra import (
+        downsample_sorted,
+        plot_spectra,
+        plot_spectra_over_time,
+        plot_stat_heatmaps,
+    )
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet50().eval()
+    layers = select_layers(net, SUPPORTED_TYPES, None, None, what="test")
+    with torch.no_grad(), InputSizeRecorder(layers) as rec:
+        net(torch.zeros(1, 3, 32, 32))
+    spectra = model_spectra(layers, rec.sizes, stats="full")
+    stats = {n: s.stats for n, s in spectra.items()}
+    values = {n: s.values for n, s in spectra.items()}
+    stats_history = {e: stats for e in range(20)}
+    history = {n: {f"epoch {e}": downsample_sorted(v) for e in range(20)} for n, v in values.items()}
+    figures = {
+        "plot": plot_spectra(values, tmp_path / "p.png"),
+        "heatmap": plot_stat_heatmaps(stats_history, tmp_path / "h.png"),
+        "over_time": plot_spectra_over_time(history, tmp_path / "o.png"),
+    }
+    payload = wandb_payload(stats, values, history, stats_history, rec.sizes, figures, histogram_bins=64)
+    assert len(stats) == 54 and sum(k.startswith("spectral_trends/") for k in payload) <= 24
+    size = payload_bytes(payload)
+    assert 10_000 < size < 3_000_000, size  # measured 1.75-1.81 MB (with histograms): under a fifth of the 10 MB limit
+
+
+def test_offline_wandb_run_is_readable_without_wandb(tmp_path):
+    """Our WandbLogger leaves config.yaml and summary.json (with the monitor's final statistics) in
+    the offline run's files/ directory, next to the .wandb file."""
+    import wandb
+    import yaml
+
+    from lightning_struct.loggers import WandbLogger as OurWandbLogger
+
+    logger = OurWandbLogger(save_dir=str(tmp_path), offline=True, project="test")
+    logger.log_hyperparams({"model": {"lr": 0.01}, "my_note": "offline check"})
+    cb = SpectralMonitor(every_n_steps=0, full_every_n_epochs=1)
+    try:
+        _fit(tmp_path, cb, steps=2, logger=logger)
+        files = Path(logger.experiment.dir)
+    finally:
+        wandb.finish()
+    assert files.parent.name.startswith("offline-run-") and list(files.parent.glob("*.wandb"))
+    config = yaml.safe_load((files / "config.yaml").read_text())
+    assert config["model"] == {"lr": 0.01} and config["my_note"] == "offline check"
+    summary = json.loads((files / "summary.json").read_text())
+    conv1 = cb.last_stats["net.features.conv1"]["sigma_max"]
+    assert summary["spectral_final/net.features.conv1/sigma_max"] == pytest.approx(conv1)
+    assert summary["spectral/net.features.conv1/sigma_max"] == pytest.approx(conv1)  # last logged value

@@ -91,11 +91,13 @@ from lightning_struct.ops.spectral.modules import (
     module_spectrum,
 )
 from lightning_struct.ops.spectral.norm import NormMethod, conv_spectral_norm
+from lightning_struct.ops.spectral.padded import padded_conv_norm
 from lightning_struct.ops.spectral.reference import explicit_conv_matrix
 from lightning_struct.ops.spectral.result import SPECTRUM_STATS, ConvSpectrum, reshape_bound
 from lightning_struct.ops.spectral.symbols import conv_symbol, frequency_mode
 
 __all__ = [
+    "padded_conv_norm",
     "CONV_TYPES",
     "NORM_STATS",
     "SPECTRUM_STATS",
