@@ -151,7 +151,8 @@ def plot_spectra(
         ax.tick_params(labelsize=6, length=2)
         ax.grid(True, which="major", alpha=0.25)
         note = f"σmax {top:.3g}" + (f"\n{zeros} zeros" if zeros else "")
-        ax.text(0.97, 0.95, note, transform=ax.transAxes, ha="right", va="top", fontsize=6, color="0.2")
+        ax.text(0.97, 0.95, note, transform=ax.transAxes, ha="right", va="top", fontsize=6, color="0.2",
+                bbox={"facecolor": "white", "alpha": 0.75, "linewidth": 0, "pad": 1.0})  # fmt: skip
     cap = caption or (
         "Sorted singular values of each layer's exact operator (periodic boundary) against i/n, log scale, "
         "shared axes; zero singular values are counted in the corner, not drawn."
