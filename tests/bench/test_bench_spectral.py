@@ -25,11 +25,28 @@ def test_rows_of_a_tiny_grid_point():
     assert [(r.case, r.baseline) for r in rows] == [
         ("full c8 n8", "numpy Sedghi FFT"),
         ("full c8 n8", "numpy LFA"),
+        ("full c8 n8", "limit: the eigensolver alone"),
         ("norm c8 n8", "numpy Sedghi FFT"),
         ("norm c8 n8", "ours full"),
     ]
     assert all(r.ours_s > 0 and r.baseline_s > 0 for r in rows)
     assert rows[0].extra["max_abs_err/sigma_max"] < 1e-4
-    assert rows[2].extra["rel_err"] < 1e-5
+    assert rows[3].extra["rel_err"] < 1e-5
+    assert rows[2].extra["ours/limit"] == rows[2].ours_s / rows[2].baseline_s and rows[2].extra["gram_formation_s"] > 0
     row = bench._explicit_row(4, 4)
     assert row.baseline == "explicit SVD (torch)" and row.extra["max_abs_err/sigma_max"] < 1e-4
+
+
+def test_the_limit_solves_the_symbols_ours_factorizes():
+    """gram_symbols + solve_gram_symbols give exactly ours's eigenvalues (the limit times the same work)."""
+    from lightning_struct.ops.spectral import conv_spectrum
+    from lightning_struct.ops.spectral.full import gram_symbols, solve_gram_symbols
+
+    torch.manual_seed(0)
+    for shape, n in (((16, 16, 3, 3), 8), ((12, 20, 1, 1), 6), ((24, 8, 3, 3), 6)):
+        w = torch.randn(*shape)
+        eig = torch.cat(solve_gram_symbols([m.clone() for m in gram_symbols(w, (n, n))]))
+        ours = conv_spectrum(w, (n, n), method="gram").sigma
+        if shape[-1] == 1:
+            eig = eig.expand(ours.shape[0], *eig.shape[1:])
+        torch.testing.assert_close(eig.clamp_min(0).sqrt()[..., : ours.shape[-1]], ours, rtol=1e-5, atol=1e-5)

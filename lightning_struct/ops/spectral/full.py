@@ -26,7 +26,7 @@ from lightning_struct.ops.spectral.gram import _chunk_maker, _gram_side, _gram_t
 from lightning_struct.ops.spectral.result import ConvSpectrum, _reshape_sigma_max
 from lightning_struct.ops.spectral.symbols import _kernel_taps, _symbol_chunk
 
-__all__ = ["Method", "conv_singular_values", "conv_spectrum", "linear_spectrum"]
+__all__ = ["Method", "conv_singular_values", "conv_spectrum", "gram_symbols", "linear_spectrum", "solve_gram_symbols"]
 
 Method = Literal["auto", "gram", "svd"]
 
@@ -196,3 +196,43 @@ def linear_spectrum(weight: torch.Tensor, *, dtype: torch.dtype | None = None) -
         kernel_numel=1,
         method="linear",
     )
+
+
+@cpu_single_threaded
+def gram_symbols(
+    weight: torch.Tensor,
+    input_size: int | Sequence[int],
+    *,
+    stride: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> list[torch.Tensor]:
+    """The Hermitian Gram symbols, chunk by chunk, that ``conv_spectrum(method="gram")`` hands to
+    its eigenvalue solver (half grid, smaller side): for benchmarks that time the solver alone.
+
+    A kernel of size 1 has one symbol for every frequency and is returned as that one matrix.
+    """
+    geom = _geometry(weight, input_size, stride, dilation, groups)
+    rdt = _compute_dtype(weight, None)
+    cdt = _complex(rdt)
+    wg, pos = _kernel_taps(weight, geom, rdt)
+    if all(k == 1 for k in geom.k):
+        Wm = wg.reshape(geom.g, geom.co, geom.ci)[None]
+        return [Wm @ Wm.mT if geom.co <= geom.ci else Wm.mT @ Wm]
+    side = _gram_side(geom)
+    n_half = math.prod(geom.grid(True))
+    with all_threads():
+        taps = _gram_taps(wg, geom, side) if _use_gram_taps(geom, n_half, passes=None) else None
+    make = _chunk_maker(geom, wg, pos, cdt, "gram", taps)
+    itemsize = torch.empty((), dtype=cdt).element_size()
+    chunks = _row_chunks(geom, True, geom.g * geom.co * geom.cols * itemsize, weight.device)
+    return parallel_map(make, chunks, weight.device)
+
+
+def solve_gram_symbols(symbols: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The eigenvalue solver ``conv_spectrum(method="gram")`` uses, alone, on ready symbols (each
+    chunk is overwritten: pass copies), in the same thread pool."""
+    c_small = symbols[0].shape[-1] if symbols else 0
+    device = symbols[0].device if symbols else torch.device("cpu")
+    with _scipy_blas_guard(c_small, device):
+        return parallel_map(lambda M: _eigvalsh_desc(M, overwrite=True), symbols, device)
