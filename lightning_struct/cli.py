@@ -4,6 +4,7 @@ Subcommands::
 
     lightning-struct train   [hydra overrides ...]   # Hydra app: -m, --cfg job, --info all work
     lightning-struct spectra [key=value ...]         # per-layer spectra of a checkpoint / named model
+    lightning-struct spectra --compare A.ckpt B.ckpt # two checkpoints side by side (CSV, PNG, HTML)
     lightning-struct export  ckpt=... [format=onnx] [key=value ...]   # deploy a (converted) checkpoint
     lightning-struct bench NAME [--quick] [--json PATH]
 """

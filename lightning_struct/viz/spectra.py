@@ -30,8 +30,9 @@ def downsample_sorted(values: torch.Tensor | np.ndarray, points: int = 256) -> n
     return v[idx]
 
 
-#: a singular value at most this fraction of the layer's sigma_max counts as zero (float32 noise)
-ZERO_REL = 1e-6
+#: a singular value at most this fraction of the layer's sigma_max counts as zero (float32 noise of an
+#: exactly rank-deficient 512-channel conv reaches ~1.1e-6 sigma_max)
+ZERO_REL = 1e-5
 
 
 def split_zeros(values: torch.Tensor | np.ndarray, rel: float = ZERO_REL) -> tuple[np.ndarray, int]:
@@ -50,7 +51,8 @@ def split_zeros(values: torch.Tensor | np.ndarray, rel: float = ZERO_REL) -> tup
 
 def group_layers(names: Sequence[str], max_panels: int = 64) -> dict[str, list[str]]:
     """Panels for small multiples: one per layer when there are at most ``max_panels`` layers, else
-    one per name prefix (``layer1``, ``features`` ...), the shortest prefix depth that fits."""
+    one per name prefix (``layer1.0``, ``features`` ...): the deepest prefix depth that gives at
+    most ``max_panels`` panels."""
     names = list(names)
     if len(names) <= max_panels:
         return {n: [n] for n in names}
