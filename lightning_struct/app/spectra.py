@@ -22,7 +22,8 @@ Keys:
     out         output directory (default ``spectra``): ``spectra.csv`` and ``spectra.png``
 
 Writes a CSV of per-layer statistics (input size, sigma_max, sigma_min, condition number, stable
-rank, effective rank, reshape bound, seconds) and a PNG of the sorted spectra, and prints a table.
+rank, effective rank, reshape bound, the ESD power-law alpha / alpha_weighted / log_spectral_norm
+with stats=full, seconds) and a PNG of the sorted spectra, and prints a table.
 
 Comparison: ``--compare A B`` takes two checkpoints written by ``lightning-struct train`` (e.g. one
 recipe with and without the force regularizer, or ``checkpoints/epoch_001.ckpt`` vs ``last.ckpt``
@@ -138,6 +139,9 @@ def analyse(
     with torch.no_grad(), InputSizeRecorder(layers) as rec:
         net(torch.zeros(1, channels, *input_size))
     spectra = model_spectra(layers, rec.sizes, stats=stats, method=method)  # type: ignore[arg-type]
+    from lightning_struct.callbacks.spectral import ESD_KEYS, layer_esd
+
+    modules = dict(layers)
     rows: list[dict[str, Any]] = []
     for layer in spectra.values():
         if not layer.finite:
@@ -149,6 +153,7 @@ def analyse(
                 "weight_shape": "x".join(map(str, layer.weight_shape)),
                 "input_size": "x".join(map(str, layer.input_size)) or "-",
                 **{k: layer.stats.get(k, math.nan) for k in SPECTRUM_STATS},
+                **(layer_esd(modules.get(layer.name), layer.values) if layer.values is not None else dict.fromkeys(ESD_KEYS, math.nan)),
                 "seconds": layer.seconds,
             }
         )

@@ -47,6 +47,8 @@ from lightning_struct.surgery import CONVERTED_TYPES
 log = logging.getLogger(__name__)
 
 _WHERE = "SpectralMonitor"
+#: heavy-tailed ESD statistics (WeightWatcher's) logged at the epoch-end full passes
+ESD_KEYS: tuple[str, ...] = ("alpha", "alpha_weighted", "log_spectral_norm")
 #: sorted spectra kept per layer for the over-time views (the first epoch and the latest)
 _MAX_EPOCH_LINES = 24
 
@@ -64,6 +66,10 @@ class SpectralMonitor(Callback):
         spectral/<layer>/effective_rank    exp(entropy of sigma / sum sigma)
         spectral/<layer>/reshape_bound     sqrt(k1*k2) * sigma_max(W as C_out x C_in*k*k) (an upper bound)
         spectral/block/<block>/lipschitz_bound   per residual block (see below)
+        spectral/<layer>/alpha, alpha_weighted, log_spectral_norm   (epoch-end passes) the
+                                           power-law exponent of the ESD of sigma^2 (Clauset et al.
+                                           MLE, KS-chosen xmin: :mod:`lightning_struct.ops.esd`),
+                                           WeightWatcher's metrics on the exact operator spectrum
         spectral/time_s                    wall time of this monitoring pass
 
     Lipschitz figures. One product of all layers' ``sigma_max`` bounds nothing in a residual
@@ -376,6 +382,9 @@ class SpectralMonitor(Callback):
         metrics.update({f"spectral/block/{name}/lipschitz_bound": b for name, b in self.block_bounds.items()})
         if epoch_end:
             values = {name: layer.values for name, layer in spectra.items() if layer.values is not None}
+            for name, v in values.items():  # the practitioners' heavy-tail metrics, on the exact operator spectrum
+                stats[name].update(layer_esd(dict(self.layers).get(name), v))
+            metrics.update({f"spectral/{n}/{k}": stats[n][k] for n in values for k in ESD_KEYS if k in stats[n]})
             self._epoch_payloads(trainer, stats, values)
         metrics["spectral/time_s"] = time.perf_counter() - t0
         log_scalars(trainer, metrics)
@@ -562,7 +571,7 @@ def wandb_payload(
             payload[f"spectral_hist/{name}"] = wandb_histogram(v, histogram_bins)
         if name in history:
             payload[f"spectral_lines/{name}"] = wandb_spectrum_lines(history[name], f"sorted spectrum of {name}")
-    columns = ["layer", "input_size", *SPECTRUM_STATS]
+    columns = ["layer", "input_size", *SPECTRUM_STATS, *ESD_KEYS]
     rows = [
         [name, "x".join(map(str, input_sizes.get(name, ()))) or "-", *(st.get(k, math.nan) for k in columns[2:])]
         for name, st in stats.items()
@@ -603,3 +612,25 @@ def payload_bytes(payload: dict[str, Any]) -> int:
             continue
         total += len(json.dumps(value, default=str))
     return total
+
+
+def layer_esd(module: nn.Module | None, values: torch.Tensor) -> dict[str, float]:
+    """``alpha``, ``alpha_weighted``, ``log_spectral_norm`` of the exact operator spectrum (the
+    zero tolerance uses the per-frequency block size, not the whole operator's)."""
+    from lightning_struct.ops.esd import esd_stats
+
+    dim = None
+    if module is not None and isinstance(getattr(module, "weight", None), torch.Tensor):
+        w = module.weight
+        if w.dim() > 2:
+            stride = math.prod(getattr(module, "stride", (1,)))
+            groups = int(getattr(module, "groups", 1))
+            dim = max(w.shape[0] // groups, stride * w.shape[1])
+        else:
+            dim = max(w.shape)
+    try:
+        out = esd_stats(values, matrix_dim=dim)
+    except Exception as err:  # a statistic must never stop training
+        log.warning("SpectralMonitor: ESD fit failed: %s", err)
+        return {}
+    return {k: float(out[k]) for k in ESD_KEYS}

@@ -5,4 +5,6 @@
 * :mod:`.dct` - orthonormal DCT-II / DCT-III via FFT
 * :mod:`.fftconv` - FFT convolution with transform reuse
 * :mod:`.factorize` - SVD / Tucker-2 factorizations and rank rules
+* :mod:`.whiten` - output-aware (data-aware) low-rank factors, reduced-rank regression
+* :mod:`.esd` - heavy-tailed ESD metrics (power-law alpha) of a spectrum
 """

@@ -67,6 +67,12 @@ def test_logs_exact_statistics_on_real_input_sizes(tmp_path):
     prod = math.prod(v for k, v in last.items() if k.endswith("/sigma_max"))
     assert last["spectral/lipschitz_bound"] == pytest.approx(prod, rel=1e-5)
     assert last["spectral/time_s"] > 0
+    # the epoch-end pass adds the ESD power-law metrics of the exact spectrum (per-frequency block: 16 x 8)
+    from lightning_struct.ops.esd import esd_stats
+
+    esd = esd_stats(exact, matrix_dim=max(conv2.out_channels, conv2.in_channels))
+    assert last["spectral/net.features.conv2/alpha"] == pytest.approx(esd["alpha"], rel=1e-3)
+    assert last["spectral/net.features.conv2/log_spectral_norm"] == pytest.approx(2 * math.log10(float(exact.max())), rel=1e-4)
     assert cb.last_plot is not None and cb.last_plot.is_file() and cb.last_plot.suffix == ".png"
 
 
