@@ -51,6 +51,9 @@ _WHERE = "SpectralMonitor"
 ESD_KEYS: tuple[str, ...] = ("alpha", "alpha_weighted", "log_spectral_norm")
 #: sorted spectra kept per layer for the over-time views (the first epoch and the latest)
 _MAX_EPOCH_LINES = 24
+#: steps kept in the trend charts (older ones are thinned, every other one dropped)
+_MAX_TREND_POINTS = 128
+TREND_STATS: tuple[str, ...] = ("sigma_max", "condition_number")
 
 
 class SpectralMonitor(Callback):
@@ -89,7 +92,8 @@ class SpectralMonitor(Callback):
     the three figures (``spectral/plot``, ``spectral/heatmap``, ``spectral/over_time``), one
     table of every layer's statistics (``spectral/table``), a line chart of the sorted spectrum
     at each epoch so far per layer (``spectral_lines/<layer>``), line charts of sigma_max and the
-    condition number over epochs grouped by network stage (``spectral_trends/<stat> <stage>``),
+    condition number over the steps of every pass so far, grouped by network stage
+    (``spectral_trends/<stat> <stage>``),
     every ``histogram_every_n_epochs`` a ``wandb.Histogram`` per layer (``spectral_hist/<layer>``),
     and at the end of training the final statistics in the run's ``summary``
     (``spectral_final/<layer>/<stat>``).
@@ -208,6 +212,9 @@ class SpectralMonitor(Callback):
         self.last_stats: dict[str, dict[str, float]] = {}
         #: the statistics of every epoch-end pass, {epoch: {layer: {stat: value}}}
         self.stats_history: dict[int, dict[str, dict[str, float]]] = {}
+        #: sigma_max / condition number of every pass (step-level and epoch-end), {step: {layer: {stat: value}}},
+        #: thinned to at most _MAX_TREND_POINTS steps: the W&B trend charts
+        self.trend: dict[int, dict[str, dict[str, float]]] = {}
         #: residual blocks and their bounds at the last pass, {block: bound}
         self.block_bounds: dict[str, float] = {}
         self.last_plot: Path | None = None
@@ -378,6 +385,7 @@ class SpectralMonitor(Callback):
         metrics = {f"spectral/{name}/{key}": val for name, st in stats.items() for key, val in st.items()}
         if stats and self.lipschitz == "chain":
             metrics["spectral/lipschitz_bound"] = lipschitz_bound(spectra)
+        self._record_trend(trainer.global_step, stats)
         self.block_bounds = residual_block_bounds(trainer.lightning_module, stats)
         metrics.update({f"spectral/block/{name}/lipschitz_bound": b for name, b in self.block_bounds.items()})
         if epoch_end:
@@ -388,6 +396,13 @@ class SpectralMonitor(Callback):
             self._epoch_payloads(trainer, stats, values)
         metrics["spectral/time_s"] = time.perf_counter() - t0
         log_scalars(trainer, metrics)
+
+    def _record_trend(self, step: int, stats: dict[str, dict[str, float]]) -> None:
+        self.trend[int(step)] = {n: {k: st[k] for k in TREND_STATS if k in st} for n, st in stats.items()}
+        if len(self.trend) > _MAX_TREND_POINTS:
+            steps = sorted(self.trend)
+            for old in steps[:-1][::2]:  # thin the history, keep the latest
+                del self.trend[old]
 
     @torch.no_grad()
     def _padded_norms(self, stats: dict[str, dict[str, float]]) -> None:
@@ -429,7 +444,7 @@ class SpectralMonitor(Callback):
         if not wandb_loggers(trainer):
             return
         histograms = bool(self.histogram_every_n_epochs) and (epoch + 1) % self.histogram_every_n_epochs == 0
-        log_wandb(trainer, wandb_payload(stats, values, self.history, self.stats_history, self.input_sizes, figures,
+        log_wandb(trainer, wandb_payload(stats, values, self.history, self.trend, self.input_sizes, figures,
                                          self.histogram_bins if histograms else 0))  # fmt: skip
 
     def _plots(self, out: Path, epoch: int, values: dict[str, torch.Tensor]) -> dict[str, Path]:
@@ -472,6 +487,7 @@ class SpectralMonitor(Callback):
             "input_sizes": {k: list(v) for k, v in self.input_sizes.items()},
             # the over-time views continue after a resume (small: statistics and 256-point spectra)
             "stats_history": {int(e): h for e, h in self.stats_history.items()},
+            "trend": {int(t): h for t, h in self.trend.items()},
             "history": {n: {k: [float(x) for x in v] for k, v in h.items()} for n, h in self.history.items()},
         }
 
@@ -482,6 +498,7 @@ class SpectralMonitor(Callback):
         self._last_clip_step = int(state_dict.get("last_clip_step", -1))
         self.input_sizes.update({k: tuple(v) for k, v in state_dict.get("input_sizes", {}).items()})
         self.stats_history.update({int(e): dict(h) for e, h in state_dict.get("stats_history", {}).items()})
+        self.trend.update({int(t): dict(h) for t, h in state_dict.get("trend", {}).items()})
         for name, h in state_dict.get("history", {}).items():
             self.history.setdefault(name, {}).update({k: np.asarray(v, dtype=np.float64) for k, v in h.items()})
 
@@ -557,10 +574,11 @@ def write_summary(
 
 def wandb_payload(
     stats: dict[str, dict[str, float]], values: dict[str, torch.Tensor], history: dict[str, dict[str, np.ndarray]],
-    stats_history: dict[int, dict[str, dict[str, float]]], input_sizes: dict[str, tuple[int, ...]],
+    trend: dict[int, dict[str, dict[str, float]]], input_sizes: dict[str, tuple[int, ...]],
     figures: dict[str, Path], histogram_bins: int,
 ) -> dict[str, Any]:
-    """The epoch-end W&B payload (``histogram_bins=0``: no histograms this time)."""
+    """The epoch-end W&B payload (``histogram_bins=0``: no histograms this time). ``trend``:
+    ``{step: {layer: {stat: value}}}`` of every pass so far, drawn as one chart per stat and stage."""
     import wandb
 
     from lightning_struct.viz.spectra import group_layers, wandb_histogram, wandb_spectrum_lines
@@ -577,13 +595,15 @@ def wandb_payload(
         for name, st in stats.items()
     ]
     payload["spectral/table"] = wandb.Table(columns=columns, data=rows)
-    epochs = sorted(stats_history)
+    steps = sorted(trend)
     stages = group_layers(list(stats), max_panels=12) if len(stats) > 12 else {"all layers": list(stats)}
-    for stat in ("sigma_max", "condition_number"):
+    for stat in TREND_STATS:
         for stage, members in stages.items():
-            ys = [[float(stats_history[e].get(n, {}).get(stat, math.nan)) for e in epochs] for n in members]
+            ys = [[float(trend[t].get(n, {}).get(stat, math.nan)) for t in steps] for n in members]
+            if all(math.isnan(v) for y in ys for v in y):
+                continue  # e.g. the condition number under step_stats="norm" before the first full pass
             payload[f"spectral_trends/{stat} {stage}"] = wandb.plot.line_series(
-                xs=[float(e) for e in epochs], ys=ys, keys=members, title=f"{stat} per layer, {stage}", xname="epoch"
+                xs=[float(t) for t in steps], ys=ys, keys=members, title=f"{stat} per layer, {stage}", xname="step"
             )
     for key, fig in figures.items():
         payload[f"spectral/{key}"] = wandb.Image(str(fig))
