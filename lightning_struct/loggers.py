@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CSVLogger", "WandbLogger"]
+__all__ = ["CSVLogger", "WandbLogger", "json_safe"]
 
 
 class _KeepingWriter(ExperimentWriter):
@@ -117,24 +117,24 @@ class WandbLogger(_LightningWandbLogger):
 
         files = Path(run.dir)
         files.mkdir(parents=True, exist_ok=True)
-        config = _plain(dict(run.config))
-        summary = _plain({k: v for k, v in dict(run.summary).items()})
+        config = json_safe(dict(run.config))
+        summary = json_safe(dict(run.summary))
         cfg_path, sum_path = files / "config.yaml", files / "summary.json"
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
         sum_path.write_text(json.dumps(summary, indent=1, sort_keys=True))
         return cfg_path, sum_path
 
 
-def _plain(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON/YAML-safe copy: mappings and sequences recursively, numbers as numbers (NaN/inf as
     strings), anything else by ``str``."""
     import math
     from collections.abc import Mapping
 
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
         return value
     if isinstance(value, float):

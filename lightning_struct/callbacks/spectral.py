@@ -390,8 +390,9 @@ class SpectralMonitor(Callback):
         metrics.update({f"spectral/block/{name}/lipschitz_bound": b for name, b in self.block_bounds.items()})
         if epoch_end:
             values = {name: layer.values for name, layer in spectra.items() if layer.values is not None}
+            modules = dict(self.layers)
             for name, v in values.items():  # the practitioners' heavy-tail metrics, on the exact operator spectrum
-                stats[name].update(layer_esd(dict(self.layers).get(name), v))
+                stats[name].update(layer_esd(modules.get(name), v))
             metrics.update({f"spectral/{n}/{k}": stats[n][k] for n in values for k in ESD_KEYS if k in stats[n]})
             self._epoch_payloads(trainer, stats, values)
         metrics["spectral/time_s"] = time.perf_counter() - t0
@@ -527,10 +528,10 @@ def residual_block_bounds(model: nn.Module, stats: dict[str, dict[str, float]]) 
         bns = [k.replace("conv", "bn") for k in convs]
         if len(convs) < 2 or not all(isinstance(getattr(block, b, None), nn.BatchNorm2d) for b in bns):
             continue
-        short = getattr(block, "downsample", None)
-        if short is None:
-            short = getattr(block, "shortcut", None)
-        names = [f"{name}.{c}" if name else c for c in convs]
+        attr = "downsample" if getattr(block, "downsample", None) is not None else "shortcut"
+        short = getattr(block, attr, None)
+        prefix = f"{name}." if name else ""
+        names = [prefix + c for c in convs]
         if not all(n in stats for n in names):
             continue
         branch = 1.0
@@ -538,8 +539,8 @@ def residual_block_bounds(model: nn.Module, stats: dict[str, dict[str, float]]) 
             branch *= stats[n].get("sigma_max", math.nan) * _bn_scale(getattr(block, b))
         shortcut = 1.0
         if isinstance(short, nn.Sequential) and len(short) and isinstance(short[0], nn.Conv2d):
-            sname = next((n for n, m in model.named_modules() if m is short[0]), None)
-            if sname is None or sname not in stats:
+            sname = f"{prefix}{attr}.0"
+            if sname not in stats:
                 continue
             shortcut = stats[sname].get("sigma_max", math.nan) * (_bn_scale(short[1]) if len(short) > 1 else 1.0)
         out[name] = shortcut + branch
@@ -553,20 +554,17 @@ def write_summary(
     """``summary.json``: the last and every epoch's per-layer statistics (NaN/inf as strings)."""
     import json
 
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return str(v)
-        return v
+    from lightning_struct.loggers import json_safe
 
     last = stats_history[max(stats_history)] if stats_history else {}
-    data = {
+    data = json_safe({
         "boundary": "periodic",
-        "input_sizes": {k: list(v) for k, v in input_sizes.items()},
+        "input_sizes": input_sizes,
         "final_epoch": max(stats_history) if stats_history else None,
-        "final": {n: {k: clean(v) for k, v in st.items()} for n, st in last.items()},
-        "block_lipschitz_bounds": {k: clean(v) for k, v in block_bounds.items()},
-        "epochs": {str(e): {n: {k: clean(v) for k, v in st.items()} for n, st in h.items()} for e, h in stats_history.items()},
-    }
+        "final": last,
+        "block_lipschitz_bounds": block_bounds,
+        "epochs": stats_history,
+    })  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1))
     return path
@@ -581,7 +579,7 @@ def wandb_payload(
     ``{step: {layer: {stat: value}}}`` of every pass so far, drawn as one chart per stat and stage."""
     import wandb
 
-    from lightning_struct.viz.spectra import group_layers, wandb_histogram, wandb_spectrum_lines
+    from lightning_struct.viz.spectra import panel_groups, wandb_histogram, wandb_spectrum_lines
 
     payload: dict[str, Any] = {}
     for name, v in values.items():
@@ -596,7 +594,8 @@ def wandb_payload(
     ]
     payload["spectral/table"] = wandb.Table(columns=columns, data=rows)
     steps = sorted(trend)
-    stages = group_layers(list(stats), max_panels=12) if len(stats) > 12 else {"all layers": list(stats)}
+    # at most 12 stages: the deepest name prefix that fits
+    stages = dict(panel_groups(list(stats), 12, min_panels=13)) if len(stats) > 12 else {"all layers": list(stats)}
     for stat in TREND_STATS:
         for stage, members in stages.items():
             ys = [[float(trend[t].get(n, {}).get(stat, math.nan)) for t in steps] for n in members]

@@ -33,6 +33,7 @@ from torch import Tensor
 
 __all__ = [
     "gram",
+    "gram_pair",
     "output_aware_factors",
     "patch_columns",
     "row_columns",
@@ -72,6 +73,11 @@ def row_columns(x: Tensor, dim: int, max_rows: int = 1 << 14) -> Iterator[Tensor
         yield rows[i : i + max_rows].T.unsqueeze(0)
 
 
+def _block_product(a: Tensor, b: Tensor) -> Tensor:
+    """``sum_k a_k b_k^T`` over the blocks of ``(b, d, n)`` column blocks, in their dtype."""
+    return (a @ b.mT).sum(0) if a.shape[0] > 1 else a[0] @ b[0].mT
+
+
 def gram(blocks: Iterable[Tensor], others: Iterable[Tensor] | None = None) -> tuple[Tensor, int]:
     """``sum_i A_i B_i^T`` over column blocks ``A_i``, ``B_i`` (``(b, d, n_i)``; ``B = A`` when
     ``others`` is not given) and the number of columns.
@@ -85,12 +91,31 @@ def gram(blocks: Iterable[Tensor], others: Iterable[Tensor] | None = None) -> tu
     for a, b in pairs:
         if a.shape != b.shape:
             raise ValueError(f"gram: paired column blocks differ in shape ({tuple(a.shape)} vs {tuple(b.shape)})")
-        prod = (a @ b.mT).sum(0) if a.shape[0] > 1 else a[0] @ b[0].mT
+        prod = _block_product(a, b)
         acc = prod.to(torch.float64) if acc is None else acc.add_(prod)
         n += a.shape[0] * a.shape[2]
     if acc is None:
         raise ValueError("gram: no calibration rows")
     return acc, n
+
+
+def gram_pair(dense: Iterable[Tensor], converted: Iterable[Tensor]) -> tuple[Tensor, Tensor, int]:
+    """``sum B_i B_i^T``, ``sum A_i B_i^T`` and the number of columns, in one pass over paired column
+    blocks ``A_i`` (dense inputs) and ``B_i`` (converted inputs): what sequential fitting needs,
+    each block unfolded once. Products in the blocks' dtype, sums in float64, as :func:`gram`."""
+    cov: Tensor | None = None
+    cross: Tensor | None = None
+    n = 0
+    for a, b in zip(dense, converted, strict=True):
+        if a.shape != b.shape:
+            raise ValueError(f"gram_pair: paired column blocks differ in shape ({tuple(a.shape)} vs {tuple(b.shape)})")
+        bb, ab = _block_product(b, b), _block_product(a, b)
+        cov = bb.to(torch.float64) if cov is None else cov.add_(bb)
+        cross = ab.to(torch.float64) if cross is None else cross.add_(ab)
+        n += b.shape[0] * b.shape[2]
+    if cov is None or cross is None:
+        raise ValueError("gram_pair: no calibration rows")
+    return cov, cross, n
 
 
 def whitening(cov: Tensor, eps: float = 1e-6) -> Tensor:

@@ -29,7 +29,6 @@ class Context:
         latency_ratio: ``budget_on="latency"``: a function timing the model with some layers
             replaced (``{name: module}``) against the dense model, interleaved; returns the ratio.
         measured_ratio: that ratio for the allocation finally chosen.
-        modules: every named module of the model (the dense layers, before the swap).
         inputs_after: ``sequential=True``: a function ``(name, {name: new module})`` returning the
             inputs layer ``name`` receives on the calibration batches with those layers replaced.
         fit_inputs: ``sequential=True``: per converted layer, the inputs it was fitted on (its
@@ -45,14 +44,11 @@ class Context:
     new_modules: list[tuple[str, nn.Module, dict[str, Any]]] = field(default_factory=list)
     latency_ratio: Any = None  # budget_on="latency": {name: module} -> measured converted/dense time
     measured_ratio: float | None = None  # what the chosen allocation measured
-    modules: dict[str, nn.Module] = field(default_factory=dict)
     inputs_after: Any = None  # sequential=True: (name, {name: module}) -> that layer's inputs
     fit_inputs: dict[str, list[Any]] = field(default_factory=dict)  # sequential=True: the inputs each layer was fitted on
 
     def module(self, name: str) -> nn.Module:
-        """The model's (dense) module called ``name``."""
-        if name in self.modules:
-            return self.modules[name]
+        """The dense candidate layer called ``name``."""
         return dict(self.candidates)[name]
 
     def dense_row(self, name: str, module: nn.Module, with_flops: bool = True) -> LayerReport:

@@ -155,7 +155,7 @@ def convert(
     flops_all = [dense_flops(m, seen.in_shapes.get(n)) for n, m in shape_modules]
     flops_before = int(sum(f for f in flops_all if f is not None)) if batches else None
 
-    ctx = Context(opts, candidates, _exact_names(opts.include), seen, have_data, modules=dict(model.named_modules()))
+    ctx = Context(opts, candidates, _exact_names(opts.include), seen, have_data)
     if opts.sequential:
         ctx.inputs_after = _inputs_after(model, batches, seen)
     if opts.budget is not None and opts.budget_on == "latency":

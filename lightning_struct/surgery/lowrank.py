@@ -245,32 +245,35 @@ def _whiten(ctx: Context, p: _Plan) -> None:
     p.spectrum = wh.whitened_spectrum(w2d, p.whitening).to(torch.float32).unsqueeze(0)
 
 
-def _output_factors(new: nn.Module, dense: nn.Module, p: _Plan) -> None:
-    """Overwrite the factors of ``new`` with the output-optimal ones (channel scheme / Linear)."""
-    assert p.whitening is not None
+def _set_factors(new: nn.Module, dense: nn.Module, s: Tensor, rank: int, cross: Tensor | None = None) -> None:
+    """Overwrite the factors of ``new`` with the output-optimal ones for the whitening ``s``
+    (and, for sequential fitting, the cross-covariance ``cross``): channel scheme / Linear."""
     w = dense.weight.detach()  # type: ignore[union-attr]
-    first, second = wh.output_aware_factors(w.reshape(w.shape[0], -1), p.whitening.to(w.device), int(p.rank))  # type: ignore[arg-type]
+    first, second = wh.output_aware_factors(
+        w.reshape(w.shape[0], -1), s.to(w.device), rank, cross=None if cross is None else cross.to(w.device)
+    )
     with torch.no_grad():
         new.first.weight.copy_(first.reshape(new.first.weight.shape))  # type: ignore[union-attr]
         new.second.weight.copy_(second.reshape(new.second.weight.shape))  # type: ignore[union-attr]
 
 
 def _fit_sequentially(ctx: Context, plans: dict[str, _Plan]) -> None:
-    """``sequential=True``: refit each new layer, in forward order, on the inputs it receives with
-    the layers before it already converted (reduced-rank regression of its dense outputs)."""
+    """``sequential=True``: fit each new layer, in forward order, on the inputs it receives with
+    the layers before it already converted (reduced-rank regression of its dense outputs). The
+    first layer reached sees the dense inputs: its fit is the plain output-optimal one."""
     order = {name: k for k, name in enumerate(ctx.probe.inputs)}  # the order the forward reached them
     done: dict[str, nn.Module] = {}
     for name, new, _ in sorted(ctx.new_modules, key=lambda t: order.get(t[0], len(order))):
         p, dense = plans[name], ctx.module(name)
-        converted = ctx.inputs_after(name, done) if done else ctx.probe.inputs[name]
-        cov, n = wh.gram(_layer_columns(dense, converted)[0])
-        cross, _ = wh.gram(_layer_columns(dense, ctx.probe.inputs[name])[0], _layer_columns(dense, converted)[0])
-        s = wh.whitening(cov / n)
-        w = dense.weight.detach()  # type: ignore[union-attr]
-        first, second = wh.output_aware_factors(w.reshape(w.shape[0], -1), s.to(w.device), int(p.rank), cross=(cross / n).to(w.device))  # type: ignore[arg-type]
-        with torch.no_grad():
-            new.first.weight.copy_(first.reshape(new.first.weight.shape))  # type: ignore[union-attr]
-            new.second.weight.copy_(second.reshape(new.second.weight.shape))  # type: ignore[union-attr]
+        if not done:
+            assert p.whitening is not None
+            _set_factors(new, dense, p.whitening, int(p.rank))  # type: ignore[arg-type]
+            done[name] = new
+            continue
+        converted = ctx.inputs_after(name, done)
+        # one pass over the paired patches: the converted inputs' covariance and the cross term
+        cov, cross, n = wh.gram_pair(_layer_columns(dense, ctx.probe.inputs[name])[0], _layer_columns(dense, converted)[0])
+        _set_factors(new, dense, wh.whitening(cov / n), int(p.rank), cross=cross / n)  # type: ignore[arg-type]
         done[name] = new
         ctx.fit_inputs[name] = converted
 
@@ -336,7 +339,7 @@ def convert_lowrank(ctx: Context) -> None:
         else:
             new = LowRankLinear.from_dense(m, rank=int(p.rank))  # type: ignore[arg-type]
         if p.whitening is not None and not o.sequential:
-            _output_factors(new, m, p)
+            _set_factors(new, m, p.whitening, int(p.rank))  # type: ignore[arg-type]
         spec = new.spec()  # type: ignore[operator]
         row.kind = spec["kind"]
         row.detail = {"scheme": p.scheme, "rank": p.rank, "objective": o.objective}

@@ -19,73 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_struct.viz.spectra import ZERO_REL, _grid, panel_groups, short_name, split_zeros
+
 #: net A, net B
 COLOURS: tuple[str, str] = ("tab:blue", "tab:orange")
 
-#: a singular value at most this fraction of the layer's sigma_max counts as zero: float32 spectra
-#: of exactly rank-deficient 512-channel convs carry noise up to ~1.1e-6 sigma_max (measured)
-ZERO_REL = 1e-5
-
 Spectrum = torch.Tensor | np.ndarray
-
-
-def split_zeros(values: Spectrum, rel: float = ZERO_REL) -> tuple[np.ndarray, int]:
-    """The descending non-zero singular values (finite only) and the number of zeros among them."""
-    if isinstance(values, torch.Tensor):
-        values = values.detach().to("cpu", torch.float64).numpy()
-    v = np.sort(np.asarray(values, dtype=np.float64).ravel())[::-1]
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return v, 0
-    keep = v > rel * max(float(v[0]), 0.0)
-    return v[keep], int(v.size - keep.sum())
-
-
-def panel_groups(names: Sequence[str], max_panels: int = 64, min_panels: int = 6) -> list[tuple[str, list[str]]]:
-    """One panel per layer for at most ``max_panels`` layers; else one per stage: runs of
-    consecutive layers sharing a dotted name prefix, at the shallowest prefix depth that gives at
-    least ``min_panels`` panels (torchvision ResNets: ``conv1``, ``layer1`` ... ``layer4``, ``fc``;
-    DenseNets: ``features.denseblock1``, ``features.transition1`` ...), else the deepest that fits.
-
-    Returns ``[(panel key, member layer names)]`` in network order; a group's key is its prefix,
-    a single layer's key its name.
-    """
-    names = list(names)
-    if len(names) <= max_panels:
-        return [(n, [n]) for n in names]
-    fitting: list[list[tuple[str, list[str]]]] = []
-    for depth in range(1, max(len(n.split(".")) for n in names) + 1):
-        groups: list[tuple[str, list[str]]] = []
-        for n in names:
-            prefix = ".".join(n.split(".")[:depth])
-            if groups and groups[-1][0] == prefix:
-                groups[-1][1].append(n)
-            else:
-                groups.append((prefix, [n]))
-        if len(groups) > max_panels:
-            break
-        fitting.append(groups)
-        if len(groups) >= min_panels:
-            return groups
-    return fitting[-1] if fitting else [(n, [n]) for n in names[:max_panels]]
-
-
-def short_name(name: str, width: int = 24) -> str:
-    """``name`` within ``width`` characters: the first dotted part and as many trailing parts as
-    fit (``features.…denselayer16.conv2``); the end of the path matters most."""
-    if len(name) <= width:
-        return name
-    parts = name.split(".")
-    for keep in range(len(parts) - 2, 0, -1):
-        cand = ".".join([parts[0], "…", *parts[-keep:]]).replace(".….", ".…")
-        if len(cand) <= width:
-            return cand
-    return "…" + name[-(width - 1) :]
-
-
-def _grid(n: int, max_cols: int = 8) -> tuple[int, int]:
-    cols = min(max_cols, max(1, math.ceil(math.sqrt(n * 1.6))))
-    return math.ceil(n / cols), cols
 
 
 def _fit_text(fig: Any, text: Any, max_width_px: float, min_size: float = 5.5) -> None:

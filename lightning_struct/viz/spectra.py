@@ -49,27 +49,46 @@ def split_zeros(values: torch.Tensor | np.ndarray, rel: float = ZERO_REL) -> tup
     return v[keep], int(v.size - keep.sum())
 
 
-def group_layers(names: Sequence[str], max_panels: int = 64) -> dict[str, list[str]]:
-    """Panels for small multiples: one per layer when there are at most ``max_panels`` layers, else
-    one per name prefix (``layer1.0``, ``features`` ...): the deepest prefix depth that gives at
-    most ``max_panels`` panels."""
+def panel_groups(names: Sequence[str], max_panels: int = 64, min_panels: int = 6) -> list[tuple[str, list[str]]]:
+    """One panel per layer for at most ``max_panels`` layers; else one per stage: runs of
+    consecutive layers sharing a dotted name prefix, at the shallowest prefix depth that gives at
+    least ``min_panels`` panels (torchvision ResNets: ``conv1``, ``layer1`` ... ``layer4``, ``fc``;
+    DenseNets: ``features.denseblock1``, ``features.transition1`` ...), else the deepest that fits.
+
+    Returns ``[(panel key, member layer names)]`` in network order; a group's key is its prefix,
+    a single layer's key its name.
+    """
     names = list(names)
     if len(names) <= max_panels:
-        return {n: [n] for n in names}
-    best: dict[str, list[str]] = {}
+        return [(n, [n]) for n in names]
+    fitting: list[list[tuple[str, list[str]]]] = []
     for depth in range(1, max(len(n.split(".")) for n in names) + 1):
-        groups: dict[str, list[str]] = {}
+        groups: list[tuple[str, list[str]]] = []
         for n in names:
-            groups.setdefault(".".join(n.split(".")[:depth]), []).append(n)
+            prefix = ".".join(n.split(".")[:depth])
+            if groups and groups[-1][0] == prefix:
+                groups[-1][1].append(n)
+            else:
+                groups.append((prefix, [n]))
         if len(groups) > max_panels:
             break
-        best = groups
-    return best or {n: [n] for n in names}
+        fitting.append(groups)
+        if len(groups) >= min_panels:
+            return groups
+    return fitting[-1] if fitting else [(n, [n]) for n in names[:max_panels]]
 
 
-def _short(name: str, width: int = 22) -> str:
-    """A layer name that fits a panel title (the end of the path matters most)."""
-    return name if len(name) <= width else "…" + name[-(width - 1) :]
+def short_name(name: str, width: int = 24) -> str:
+    """``name`` within ``width`` characters: the first dotted part and as many trailing parts as
+    fit (``features.…denselayer16.conv2``); the end of the path matters most."""
+    if len(name) <= width:
+        return name
+    parts = name.split(".")
+    for keep in range(len(parts) - 2, 0, -1):
+        cand = ".".join([parts[0], "…", *parts[-keep:]]).replace(".….", ".…")
+        if len(cand) <= width:
+            return cand
+    return "…" + name[-(width - 1) :]
 
 
 def _grid(n: int, max_cols: int = 8) -> tuple[int, int]:
@@ -130,7 +149,8 @@ def plot_spectra(
     ``sigma_max`` and the number of zero singular values, which are counted, not drawn.
     """
     path = Path(path)
-    groups = group_layers([n for n, v in spectra.items() if _np(v).size], max_panels)
+    # beyond max_panels layers: the deepest name prefix that still fits
+    groups = dict(panel_groups([n for n, v in spectra.items() if _np(v).size], max_panels, min_panels=max_panels + 1))
     fig, axes, _ = _figure(max(1, len(groups)))
     import matplotlib.pyplot as plt
 
@@ -149,7 +169,7 @@ def plot_spectra(
             ax.plot(x, v, color=colours(k % 10) if len(members) > 1 else "tab:blue", lw=1.1)
             top = v[0] if math.isnan(top) else max(top, v[0])
         ax.set_yscale("log")
-        ax.set_title(_short(group) + (f" ({len(members)})" if len(members) > 1 else ""), fontsize=7, pad=2)
+        ax.set_title(short_name(group, 22) + (f" ({len(members)})" if len(members) > 1 else ""), fontsize=7, pad=2)
         ax.tick_params(labelsize=6, length=2)
         ax.grid(True, which="major", alpha=0.25)
         note = f"σmax {top:.3g}" + (f"\n{zeros} zeros" if zeros else "")
@@ -186,7 +206,7 @@ def plot_spectra_over_time(
             x = np.linspace(0.0, 1.0, v.size) if v.size > 1 else np.zeros(1)
             ax.plot(x, v, color=cmap(0.15 + 0.85 * k / max(1, len(labels) - 1)), lw=1.0)
         ax.set_yscale("log")
-        ax.set_title(_short(name), fontsize=7, pad=2)
+        ax.set_title(short_name(name, 22), fontsize=7, pad=2)
         ax.tick_params(labelsize=6, length=2)
         ax.grid(True, which="major", alpha=0.25)
     handles = []

@@ -283,6 +283,21 @@ def test_residual_block_bounds_hold_and_follow_the_formula():
             ratio = (net.layer2[0](x + d) - bn_shift).norm() / d.norm()
             assert float(ratio) <= bounds["layer2.0"] * (1 + 1e-5)
     assert all(b < 1e3 for b in bounds.values())  # per block: modest numbers, unlike the chain product
+    # a CIFAR ResNet with option-B shortcuts: the projection is named <block>.shortcut.0 and counted
+    from lightning_struct.models.resnet_cifar import resnet20
+
+    cifar = resnet20(shortcut="B").eval()
+    layers = select_layers(cifar, SUPPORTED_TYPES, None, None, what="test")
+    with torch.no_grad(), InputSizeRecorder(layers) as rec:
+        cifar(torch.zeros(1, 3, 32, 32))
+    stats = {n: layer.stats for n, layer in model_spectra(layers, rec.sizes, stats="norm").items()}
+    bounds = residual_block_bounds(cifar, stats)
+    blk = cifar.layer2[0]
+    shortcut = stats["layer2.0.shortcut.0"]["sigma_max"] * _bn_scale(blk.shortcut[1])
+    branch = stats["layer2.0.conv1"]["sigma_max"] * _bn_scale(blk.bn1) * stats["layer2.0.conv2"]["sigma_max"] * _bn_scale(blk.bn2)
+    assert len(bounds) == 9 and bounds["layer2.0"] == pytest.approx(shortcut + branch)
+    assert bounds["layer1.0"] == pytest.approx(1.0 + stats["layer1.0.conv1"]["sigma_max"] * _bn_scale(cifar.layer1[0].bn1)
+                                               * stats["layer1.0.conv2"]["sigma_max"] * _bn_scale(cifar.layer1[0].bn2))  # fmt: skip
 
 
 def test_wandb_payload_of_a_53_layer_network_stays_small(tmp_path):

@@ -54,10 +54,16 @@ def test_gram_of_chunked_patches_equals_the_unfolded_covariance():
         torch.testing.assert_close(cov, rows.T @ rows, rtol=1e-5, atol=1e-4)
         cross, _ = wh.gram(blocks(x), blocks(other))
         torch.testing.assert_close(cross, rows.T @ rows_o, rtol=1e-5, atol=1e-4)
+        cov_o, cross2, n2 = wh.gram_pair(blocks(x), blocks(other))  # one pass: both terms
+        assert n2 == n
+        torch.testing.assert_close(cov_o, rows_o.T @ rows_o, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(cross2, rows.T @ rows_o, rtol=1e-5, atol=1e-4)
     lin, n = wh.gram(wh.row_columns(x.reshape(-1, 10), 10, max_rows=16))
     torch.testing.assert_close(lin, x.reshape(-1, 10).double().T @ x.reshape(-1, 10).double(), rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="differ in shape"):
         wh.gram(iter([torch.ones(1, 3, 4)]), iter([torch.ones(1, 3, 5)]))
+    with pytest.raises(ValueError, match="differ in shape"):
+        wh.gram_pair(iter([torch.ones(1, 3, 4)]), iter([torch.ones(1, 3, 5)]))
 
 
 @pytest.mark.parametrize("cfg", [dict(padding=1), dict(padding=0, stride=2), dict(padding=2, dilation=2), dict(padding=1, padding_mode="reflect")])
