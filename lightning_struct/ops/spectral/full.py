@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,26 @@ def _row_chunks(geom: _Geom, half: bool, bytes_per_freq: int, device: torch.devi
     rows = max(1, min(rows, -(-sizes[0] // workers(device))))
     first = torch.arange(sizes[0], device=device)
     return [first[start : start + rows] for start in range(0, sizes[0], rows)]
+
+
+def _symbol_source(
+    weight: torch.Tensor, geom: _Geom, wg: torch.Tensor, pos: Any, cdt: torch.dtype, method: str
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[torch.Tensor], bool]:
+    """What the solver factorizes, chunk by chunk: ``(make, chunks, constant)``; ``make(chunk)`` is
+    the block symbol (``method="svd"``) or the smaller-side Gram symbol (``"gram"``) of those
+    frequencies. ``constant``: a 1x1 kernel, one symbol for every frequency (one chunk)."""
+    if all(k == 1 for k in geom.k):
+        # a 1x1 kernel: B = S^{-1/2} [W | ... | W] at every frequency, so sigma(B) = sigma(W) + zeros
+        Wm = wg.reshape(geom.g, geom.co, geom.ci)[None]
+        const = Wm if method == "svd" else (Wm @ Wm.mT if geom.co <= geom.ci else Wm.mT @ Wm)
+        return (lambda i: const), [torch.zeros(1, dtype=torch.int64)], True
+    n_half = math.prod(geom.grid(True))
+    use_taps = method == "gram" and _use_gram_taps(geom, n_half, passes=None)
+    with all_threads():  # one large GEMM: MKL threads it well
+        gram_taps = _gram_taps(wg, geom, _gram_side(geom)) if use_taps else None
+    make = _chunk_maker(geom, wg, pos, cdt, "gram" if method == "gram" else "symbol", gram_taps)
+    itemsize = torch.empty((), dtype=cdt).element_size()
+    return make, _row_chunks(geom, True, geom.g * geom.co * geom.cols * itemsize, weight.device), False
 
 
 @cpu_single_threaded
@@ -85,30 +105,9 @@ def conv_spectrum(
     wg, pos = _kernel_taps(weight, geom, rdt)
     if compute_uv:
         method = "svd"
-    side = _gram_side(geom)
     c_small = min(geom.co, geom.cols)
-    n_half = math.prod(geom.grid(True))
-    use_taps = (
-        method == "gram"
-        and not all(k == 1 for k in geom.k)
-        and _use_gram_taps(geom, n_half, passes=None)
-    )
-    with all_threads():  # one large GEMM: MKL threads it well
-        gram_taps = _gram_taps(wg, geom, side) if use_taps else None
-    itemsize = torch.empty((), dtype=cdt).element_size()
-    bytes_per_freq = geom.g * geom.co * geom.cols * itemsize
     sig, us, vhs = [], [], []
-    constant = all(k == 1 for k in geom.k)  # 1x1 kernel: the same symbol at every frequency
-    if constant:
-        # a 1x1 kernel: B = S^{-1/2} [W | ... | W] at every frequency, so sigma(B) = sigma(W) + zeros
-        Wm = wg.reshape(geom.g, geom.co, geom.ci)[None]
-        make: Callable[[torch.Tensor], torch.Tensor] = lambda i: (  # noqa: E731
-            Wm if method == "svd" else (Wm @ Wm.mT if geom.co <= geom.ci else Wm.mT @ Wm)
-        )
-        chunks: Iterator[torch.Tensor] | list[torch.Tensor] = [torch.zeros(1, dtype=torch.int64)]
-    else:
-        make = _chunk_maker(geom, wg, pos, cdt, "gram" if method == "gram" else "symbol", gram_taps)
-        chunks = _row_chunks(geom, True, bytes_per_freq, weight.device)
+    make, chunks, constant = _symbol_source(weight, geom, wg, pos, cdt, method)
 
     def work(idx0: torch.Tensor) -> tuple[torch.Tensor, ...]:
         M = make(idx0)
@@ -214,18 +213,8 @@ def gram_symbols(
     """
     geom = _geometry(weight, input_size, stride, dilation, groups)
     rdt = _compute_dtype(weight, None)
-    cdt = _complex(rdt)
     wg, pos = _kernel_taps(weight, geom, rdt)
-    if all(k == 1 for k in geom.k):
-        Wm = wg.reshape(geom.g, geom.co, geom.ci)[None]
-        return [Wm @ Wm.mT if geom.co <= geom.ci else Wm.mT @ Wm]
-    side = _gram_side(geom)
-    n_half = math.prod(geom.grid(True))
-    with all_threads():
-        taps = _gram_taps(wg, geom, side) if _use_gram_taps(geom, n_half, passes=None) else None
-    make = _chunk_maker(geom, wg, pos, cdt, "gram", taps)
-    itemsize = torch.empty((), dtype=cdt).element_size()
-    chunks = _row_chunks(geom, True, geom.g * geom.co * geom.cols * itemsize, weight.device)
+    make, chunks, _ = _symbol_source(weight, geom, wg, pos, _complex(rdt), "gram")
     return parallel_map(make, chunks, weight.device)
 
 
