@@ -36,6 +36,7 @@ from lightning_struct.ops.spectral import (
     SPECTRUM_STATS,
     SUPPORTED_TYPES,
     LayerSpectrum,
+    NormState,
     clip_conv_operator_norm,
     lipschitz_bound,
     model_spectra,
@@ -136,6 +137,12 @@ class SpectralMonitor(Callback):
             ``"svd"`` (default; small singular values, ``sigma_min`` and the condition number
             accurate to ~1e-7 sigma_max in float32), ``"gram"`` (about 2x faster; singular values
             below ~1e-3 sigma_max are only resolved to that floor in float32) or ``"auto"``.
+        warm_norms: with ``step_stats="norm"``, start every layer's norm from the last pass
+            (:func:`lightning_struct.ops.spectral.warm_conv_spectral_norm`: the last top Ritz
+            vector per frequency, and only the frequencies that can still hold the maximum after
+            the weights' move); same values to the Lanczos tolerance, a few times faster. It holds
+            a copy of each monitored weight and one vector per frequency; not checkpointed (the
+            first pass after a resume is cold). ``False``: every pass from scratch.
 
     Raises:
         ValueError: for a bad argument (named in the message, with what is allowed), at
@@ -163,6 +170,7 @@ class SpectralMonitor(Callback):
         clip_n_iter: int = 1,
         dtype: torch.dtype | None = None,
         method: Literal["auto", "gram", "svd"] = "svd",
+        warm_norms: bool = True,
     ) -> None:
         super().__init__()
         self.every_n_steps = check_int(every_n_steps, "every_n_steps", _WHERE, minimum=0, optional=True) or 0
@@ -197,6 +205,9 @@ class SpectralMonitor(Callback):
         self.clip_n_iter = check_int(clip_n_iter, "clip_n_iter", _WHERE, minimum=1)
         self.dtype = check_choice(dtype, "dtype", (None, torch.float32, torch.float64), _WHERE)
         self.method = check_choice(method, "method", ("auto", "gram", "svd"), _WHERE)
+        self.warm_norms = check_bool(warm_norms, "warm_norms", _WHERE)
+        #: per layer: what the warm norm path carries from one step pass to the next
+        self._norm_states: dict[str, NormState] = {}
 
         self.layers: list[tuple[str, nn.Module]] = []
         self.input_sizes: dict[str, tuple[int, ...]] = {}
@@ -285,6 +296,8 @@ class SpectralMonitor(Callback):
         for name in list(self.last_stats):
             if name not in now:
                 del self.last_stats[name]
+        for name in changed:
+            self._norm_states.pop(name, None)
         self._record_missing_sizes()
 
     @override
@@ -355,8 +368,14 @@ class SpectralMonitor(Callback):
         operators = [
             (n, m.to_dense() if isinstance(m, (LowRankConv2d, LowRankLinear)) else m) for n, m in self.layers
         ]
+        states = self._norm_states if (self.warm_norms and not full) else None
         spectra = model_spectra(
-            operators, self.input_sizes, stats="full" if full else "norm", method=self.method, dtype=self.dtype
+            operators,
+            self.input_sizes,
+            stats="full" if full else "norm",
+            method=self.method,
+            dtype=self.dtype,
+            states=states,
         )
         for name, layer in spectra.items():
             if not layer.finite and name not in self._warned_nonfinite:

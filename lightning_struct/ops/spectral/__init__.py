@@ -89,12 +89,14 @@ from lightning_struct.ops.spectral.modules import (
     SUPPORTED_TYPES,
     module_spectral_norm,
     module_spectrum,
+    module_warm_norm,
 )
 from lightning_struct.ops.spectral.norm import NormMethod, conv_spectral_norm
 from lightning_struct.ops.spectral.padded import padded_conv_norm
 from lightning_struct.ops.spectral.reference import explicit_conv_matrix
 from lightning_struct.ops.spectral.result import SPECTRUM_STATS, ConvSpectrum, reshape_bound
 from lightning_struct.ops.spectral.symbols import conv_symbol, frequency_mode
+from lightning_struct.ops.spectral.warm import NormState, warm_conv_spectral_norm, warm_linear_norm
 
 __all__ = [
     "padded_conv_norm",
@@ -107,6 +109,7 @@ __all__ = [
     "LayerSpectrum",
     "Method",
     "NormMethod",
+    "NormState",
     "SpectralConfig",
     "StatsKind",
     "clip_conv_operator_norm",
@@ -122,9 +125,12 @@ __all__ = [
     "model_spectra",
     "module_spectral_norm",
     "module_spectrum",
+    "module_warm_norm",
     "reshape_bound",
     "spectral_config",
     "stat_names",
+    "warm_conv_spectral_norm",
+    "warm_linear_norm",
 ]
 
 # former module-level switches, now fields of `config` (read-only aliases: assigning them has no effect)

@@ -63,14 +63,14 @@ class _Geom:
         return m[:-1] + (m[-1] // 2 + 1,) if half else m
 
 
-def _check_weight(weight: torch.Tensor, what: str = "weight") -> None:
+def _check_weight(weight: torch.Tensor, what: str = "weight", finite: bool = True) -> None:
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(weight).__name__}")
     if weight.is_complex() or not weight.is_floating_point():
         raise TypeError(f"{what} must be a real floating-point tensor, got dtype {weight.dtype}")
     if weight.numel() == 0:
         raise ValueError(f"{what} is empty (shape {tuple(weight.shape)})")
-    if not bool(torch.isfinite(weight).all()):
+    if finite and not bool(torch.isfinite(weight).all()):
         raise ValueError(f"{what} contains NaN or inf values; its spectrum is undefined")
 
 
@@ -80,8 +80,9 @@ def _geometry(
     stride: int | Sequence[int],
     dilation: int | Sequence[int],
     groups: int,
+    check_finite: bool = True,
 ) -> _Geom:
-    _check_weight(weight)
+    _check_weight(weight, finite=check_finite)
     if weight.ndim not in (3, 4, 5):
         raise ValueError(
             f"weight of shape {tuple(weight.shape)}: expected a Conv1d/2d/3d weight (C_out, C_in/groups, *kernel) "

@@ -17,8 +17,14 @@ from torch import nn
 
 from lightning_struct._checks import check_choice
 from lightning_struct.ops.spectral.full import Method
-from lightning_struct.ops.spectral.modules import SUPPORTED_TYPES, module_spectral_norm, module_spectrum
+from lightning_struct.ops.spectral.modules import (
+    SUPPORTED_TYPES,
+    module_spectral_norm,
+    module_spectrum,
+    module_warm_norm,
+)
 from lightning_struct.ops.spectral.result import SPECTRUM_STATS
+from lightning_struct.ops.spectral.warm import NormState
 
 __all__ = ["NORM_STATS", "LayerSpectrum", "StatsKind", "lipschitz_bound", "model_spectra", "stat_names"]
 
@@ -66,6 +72,7 @@ def model_spectra(
     stats: StatsKind = "full",
     method: Method = "svd",
     dtype: torch.dtype | None = None,
+    states: dict[str, NormState] | None = None,
 ) -> dict[str, LayerSpectrum]:
     """Spectra of ``layers`` (``nn.Conv1d/2d/3d`` at their input size, ``nn.Linear``), in order.
 
@@ -81,6 +88,10 @@ def model_spectra(
             ``"gram"`` (faster; values below ~1e-3 ``sigma_max`` only resolved to that floor in
             float32) or ``"auto"``.
         dtype: compute dtype (``None``: float32, float64 for float64 weights).
+        states: with ``stats="norm"``, a dict of :class:`~lightning_struct.ops.spectral.warm.NormState`
+            per layer name that the norms start from and that is updated in place (the warm path
+            :func:`~lightning_struct.ops.spectral.warm.warm_conv_spectral_norm`; a layer without a
+            state gets a cold run). ``None``: every norm from scratch.
 
     Returns:
         ``{name: LayerSpectrum}``. A layer whose weights hold NaN/inf gets NaN statistics and
@@ -109,6 +120,11 @@ def model_spectra(
                 spec = module_spectrum(module, size, method=method, dtype=dtype, weight=weight, name=name)
                 st = spec.stats()
                 values = spec.values()
+            elif states is not None:
+                norm, states[name] = module_warm_norm(
+                    module, size, states.get(name), dtype=dtype, weight=weight, name=name
+                )
+                st = {"sigma_max": float(norm)}
             else:
                 norm = module_spectral_norm(module, size, dtype=dtype, weight=weight, name=name)
                 st = {"sigma_max": float(norm)}

@@ -15,8 +15,9 @@ from lightning_struct.ops.spectral.full import Method, conv_spectrum, linear_spe
 from lightning_struct.ops.spectral.geometry import _check_weight, _compute_dtype
 from lightning_struct.ops.spectral.norm import conv_spectral_norm
 from lightning_struct.ops.spectral.result import ConvSpectrum
+from lightning_struct.ops.spectral.warm import NormState, warm_conv_spectral_norm, warm_linear_norm
 
-__all__ = ["CONV_TYPES", "SUPPORTED_TYPES", "module_spectral_norm", "module_spectrum"]
+__all__ = ["CONV_TYPES", "SUPPORTED_TYPES", "module_spectral_norm", "module_spectrum", "module_warm_norm"]
 
 #: convolutions whose spectra the ops compute (periodic boundary at the layer's input size)
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -68,4 +69,23 @@ def module_spectral_norm(
         return torch.linalg.matrix_norm(w.detach().to(rdt), ord=2)
     if isinstance(module, CONV_TYPES):
         return conv_spectral_norm(w, dtype=dtype, **_conv_args(module, input_size, name))  # type: ignore[arg-type]
+    raise TypeError(f"{name}: {type(module).__name__} is not supported (Conv1d/2d/3d, Linear)")
+
+
+def module_warm_norm(
+    module: nn.Module,
+    input_size: Sequence[int] | int | None,
+    state: NormState | None,
+    *,
+    dtype: torch.dtype | None = None,
+    weight: torch.Tensor | None = None,
+    name: str = "layer",
+) -> tuple[torch.Tensor, NormState]:
+    """:func:`module_spectral_norm` warm from the ``state`` of the last call on this layer
+    (:func:`warm_conv_spectral_norm` / :func:`warm_linear_norm`); returns the norm and the new state."""
+    w = module.weight if weight is None else weight
+    if isinstance(module, nn.Linear):
+        return warm_linear_norm(w, state=state, dtype=dtype)
+    if isinstance(module, CONV_TYPES):
+        return warm_conv_spectral_norm(w, state=state, dtype=dtype, **_conv_args(module, input_size, name))  # type: ignore[arg-type]
     raise TypeError(f"{name}: {type(module).__name__} is not supported (Conv1d/2d/3d, Linear)")

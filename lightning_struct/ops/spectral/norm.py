@@ -13,7 +13,7 @@ from lightning_struct.ops.spectral._config import config
 from lightning_struct.ops.spectral._pool import all_threads, cpu_single_threaded, parallel_map, workers
 from lightning_struct.ops.spectral.eigen import _eigvalsh_desc
 from lightning_struct.ops.spectral.full import conv_spectrum
-from lightning_struct.ops.spectral.geometry import _complex, _compute_dtype, _geometry
+from lightning_struct.ops.spectral.geometry import _complex, _compute_dtype, _Geom, _geometry
 from lightning_struct.ops.spectral.gram import _chunk_maker, _gram_side, _gram_taps, _use_gram_taps
 from lightning_struct.ops.spectral.symbols import _kernel_taps, _SymbolBuilder
 
@@ -58,11 +58,18 @@ def _lanczos(
     X: torch.Tensor,
     steps: int,
     rtol: float | None,
+    *,
+    first_check: int = 5,
+    every: int = 2,
+    basis: list[torch.Tensor] | None = None,
+    each: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Independent Lanczos runs (no re-orthogonalisation) from the unit rows of ``X (P, b, c)``.
 
-    With ``rtol``, checks from step 6 on every second step and stops once the largest Ritz value
-    over the batch grew by less than ``rtol`` (relative) since the last check.
+    With ``rtol``, checks from step ``first_check + 1`` on every ``every`` steps and stops once the
+    largest Ritz value over the batch grew by less than ``rtol`` (relative) since the last check;
+    with ``each``, once no run's top Ritz value grew by more than ``rtol`` times that largest one
+    (a run still climbing below the maximum may overtake it). ``basis``: a list the Lanczos vectors (one ``(P, b, c)`` tensor per step) are appended to.
 
     Returns:
         ``alpha (j, P*b)`` and ``beta (j-1, P*b)``: the tridiagonal matrices of the ``j`` steps taken.
@@ -72,19 +79,25 @@ def _lanczos(
     real = (lambda t: torch.view_as_real(t)) if X.is_complex() else (lambda t: t.unsqueeze(-1))
     prev_x: torch.Tensor | None = None
     beta = X.new_zeros(X.shape[:2], dtype=real(X).dtype)
-    last = None
+    last: torch.Tensor | None = None
     for j in range(steps):
+        if basis is not None:
+            basis.append(X)
         W = apply(X)
         a = (real(X) * real(W)).sum((-1, -2))
         W = W - X * a.unsqueeze(-1)
         if prev_x is not None:
             W = W - prev_x * beta.unsqueeze(-1)
         alphas.append(a)
-        if rtol is not None and j >= 5 and j % 2 == 1:
-            top = float(_tridiag_top(torch.stack(alphas).flatten(1), torch.stack(betas).flatten(1)).max())
-            if last is not None and top - last <= rtol * abs(top):
-                break
-            last = top
+        if rtol is not None and j >= first_check and (j - first_check) % every == 0:
+            b_all = torch.stack(betas).flatten(1) if betas else a.new_zeros((0, a.numel()))
+            tops = _tridiag_top(torch.stack(alphas).flatten(1), b_all)
+            top = float(tops.max())
+            if last is not None:
+                grew = float((tops - last).max()) if each else top - float(last.max())
+                if grew <= rtol * abs(top):
+                    break
+            last = tops
         if j == steps - 1:
             break
         beta = torch.linalg.vector_norm(real(W), dim=(-1, -2))
@@ -105,21 +118,52 @@ def _random_rows(P: int, b: int, c: int, dtype: torch.dtype, gen: torch.Generato
     return X / torch.linalg.vector_norm(X, dim=-1, keepdim=True)
 
 
+def _ritz(alpha: torch.Tensor, beta: torch.Tensor, basis: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top Ritz values ``(P,)`` and unit Ritz vectors ``(P, c)`` of Lanczos runs ``(P, b, c)``
+    (of the best of the ``b`` runs of each problem)."""
+    j = alpha.shape[0]
+    T = torch.diag_embed(alpha.T)
+    if j > 1:
+        T = T + torch.diag_embed(beta.T, 1) + torch.diag_embed(beta.T, -1)
+    vals, vecs = torch.linalg.eigh(T)  # (P*b, j)
+    P, b, c = basis[0].shape
+    top, run = vals[:, -1].reshape(P, b).max(1)
+    pick = torch.arange(P, device=top.device) * b + run
+    s = vecs[pick, :, -1]  # (P, j)
+    Q = torch.stack(basis[:j], 0).reshape(j, P * b, c)[:, pick]  # (j, P, c)
+    y = torch.einsum("pj,jpc->pc", s.to(Q.dtype), Q)
+    return top, y / torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(1e-30)
+
+
 def _top_eigs(
-    M: torch.Tensor, mode: str, c: int, method: str, gen: torch.Generator, steps: int | None, rtol: float
-) -> tuple[torch.Tensor, int]:
-    """``(P,)`` largest eigenvalues of the Gram operators of ``M (P, r, s)`` (see :func:`_gram_apply`)
-    and the Lanczos steps taken (0 for the exact path). ``steps=None``: adaptive (stagnation test)."""
+    M: torch.Tensor,
+    mode: str,
+    c: int,
+    method: str,
+    gen: torch.Generator,
+    steps: int | None,
+    rtol: float,
+    vectors: bool = False,
+) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """``(P,)`` largest eigenvalues of the Gram operators of ``M (P, r, s)`` (see :func:`_gram_apply`),
+    the Lanczos steps taken (0 for the exact path) and, with ``vectors``, the top Ritz rows
+    ``(P, c)`` (the iterated rows of ``mode``; empty on the exact path). ``steps=None``: adaptive
+    (stagnation test)."""
     real_dtype = torch.float64 if M.dtype in (torch.float64, torch.complex128) else torch.float32
     if method == "exact" or c < config.exact_below(real_dtype):
         G = M if mode == "gram" else (M @ M.mH if mode == "out" else M.mH @ M)
-        return _eigvalsh_desc(G, overwrite=G is not M)[..., 0], 0
+        top = _eigvalsh_desc(G, overwrite=G is not M)[..., 0]
+        return top, 0, M.new_zeros(M.shape[0], 0) if vectors else None
     b = config.lanczos_runs(c)
     k_max = c if steps is None else min(steps, c)
     X = _random_rows(M.shape[0], b, c, M.dtype, gen, M.device)
-    alpha, beta = _lanczos(_gram_apply(M, mode), X, k_max, rtol if steps is None else None)
+    basis: list[torch.Tensor] | None = [] if vectors else None
+    alpha, beta = _lanczos(_gram_apply(M, mode), X, k_max, rtol if steps is None else None, basis=basis)
+    if basis is not None:
+        top, rows = _ritz(alpha, beta, basis)
+        return top.to(real_dtype), alpha.shape[0], rows
     top = _tridiag_top(alpha, beta).reshape(M.shape[0], b).amax(1)
-    return top.to(real_dtype), alpha.shape[0]
+    return top.to(real_dtype), alpha.shape[0], None
 
 
 @cpu_single_threaded
@@ -172,22 +216,34 @@ def conv_spectral_norm(
     check_number(rtol, "rtol", minimum=0, maximum=1, open_min=True, open_max=True, optional=True)
     geom = _geometry(weight, input_size, stride, dilation, groups)
     rdt = _compute_dtype(weight, dtype)
-    cdt = _complex(rdt)
-    tol = float(rtol) if rtol is not None else config.lanczos_rtol(rdt)
     if method == "exact":
         return conv_spectrum(
             weight, input_size, stride=stride, dilation=dilation, groups=groups, method="svd", dtype=rdt
         ).sigma_max
+    tol = float(rtol) if rtol is not None else config.lanczos_rtol(rdt)
+    best, _, _ = _lanczos_norm(weight, geom, rdt, method, seed, tol, vectors=False)
+    return torch.tensor(best, dtype=rdt, device=weight.device).clamp_min(0).sqrt()
+
+
+def _lanczos_norm(
+    weight: torch.Tensor, geom: _Geom, rdt: torch.dtype, method: str, seed: int, tol: float, vectors: bool
+) -> tuple[float, torch.Tensor, torch.Tensor | None]:
+    """The body of :func:`conv_spectral_norm`: the largest top eigenvalue, the top eigenvalues
+    ``(F, G)`` of every half-grid frequency and group (one frequency for a 1x1 kernel) and, with
+    ``vectors``, their top Ritz vectors ``(F, G, c)`` in the conventions of
+    :mod:`~lightning_struct.ops.spectral.warm` (the rows its output-/input-side actions iterate on)."""
+    cdt = _complex(rdt)
     wg, pos = _kernel_taps(weight, geom, rdt)
     side = _gram_side(geom)
     c = min(geom.co, geom.cols)
     gen = torch.Generator().manual_seed(seed)
+    G = geom.g
     if all(k == 1 for k in geom.k):
         # a 1x1 kernel: B = S^{-1/2} [W | ... | W] at every frequency, so sigma(B) = sigma(W) (+ zeros)
-        Wm = wg.reshape(geom.g, geom.co, geom.ci)
+        Wm = wg.reshape(G, geom.co, geom.ci)
         mode = "out" if geom.co <= geom.ci else "in"
-        top, _ = _top_eigs(Wm, mode, min(geom.co, geom.ci), method, gen, None, tol)
-        return top.amax().clamp_min(0).sqrt()
+        top, _, rows = _top_eigs(Wm, mode, min(geom.co, geom.ci), method, gen, None, tol, vectors)
+        return float(top.amax()), top.reshape(1, G), None if rows is None else rows.reshape(1, G, -1)
     n_half = math.prod(geom.grid(True))
     use_taps = _use_gram_taps(geom, n_half, passes=16)
     with all_threads():  # one large GEMM: MKL threads it well
@@ -201,19 +257,25 @@ def conv_spectral_norm(
     rows = [r for r in torch.arange(geom.grid(True)[0]).tensor_split(workers(weight.device)) if len(r)]
     sub_rows = max(1, config.norm_chunk_bytes // max(1, per_freq * math.prod(geom.grid(True)[1:])))
 
-    def work(i: int) -> float:
+    def work(i: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
         steps: int | None = None
-        best = 0.0
+        out = []
         buffer = torch.empty(make.numel(min(sub_rows, len(rows[i]))), dtype=cdt, device=weight.device)
         for sub in rows[i].split(sub_rows):
             M = make(sub, buffer)
             M = M.reshape(-1, *M.shape[-2:]).contiguous()  # strided batches make bmm copy per matrix
-            top, taken = _top_eigs(M, mode, c, method, g, steps, tol)
+            top, taken, vecs = _top_eigs(M, mode, c, method, g, steps, tol, vectors)
             if steps is None and taken:
                 steps = taken + config.lanczos_margin
-            best = max(best, float(top.max()))
-        return best
+            out.append((top, vecs))
+        return out
 
-    best = max(parallel_map(work, list(range(len(rows))), weight.device))
-    return torch.tensor(best, dtype=rdt, device=weight.device).clamp_min(0).sqrt()
+    parts = [r for part in parallel_map(work, list(range(len(rows))), weight.device) for r in part]
+    tops = torch.cat([t for t, _ in parts]).reshape(-1, G)
+    if not vectors:
+        return float(tops.amax()), tops, None
+    vecs = torch.cat([v for _, v in parts])  # type: ignore[misc]
+    if mode == "gram" and side == "out":  # x -> x G iterates on conj(v), v an eigenvector of B B^H
+        vecs = vecs.conj().resolve_conj()
+    return float(tops.amax()), tops, vecs.reshape(tops.shape[0], G, -1)
