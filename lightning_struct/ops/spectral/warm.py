@@ -13,7 +13,7 @@ singular value. At the next call it
    lower bound minus ``delta`` (a lower bound of the new norm: Ritz values approach from below);
    every other frequency provably cannot hold the maximum, and its estimates widen by ``delta``;
 3. runs those from their last Ritz vectors, stopping once the largest Ritz value grew by less
-   than ``rtol / 4`` in one step (typically after 3 steps), on the operators applied without
+   than ``rtol / 4`` in one step (often after 2 steps), on the operators applied without
    forming a symbol (:class:`_Operators`: two GEMMs with the kernel per step).
 
 The first call (or one after the geometry changed) is :func:`conv_spectral_norm`'s cold run,
@@ -44,7 +44,7 @@ __all__ = ["NormState", "warm_conv_spectral_norm", "warm_linear_norm"]
 _COLD_MARGIN = 1e-2
 _WARM_MARGIN = 1e-3
 _EXACT_MARGIN = 1e-5  # exact eigenvalues, to rounding
-#: warm runs test stagnation one step apart, so with a tighter tolerance than the cold ones' two
+#: warm runs test stagnation one step apart (from the Rayleigh quotient on), with a tighter tolerance
 _WARM_RTOL = 0.25
 
 
@@ -218,8 +218,9 @@ def _solve(
         P = len(sel) * geom.g
         X = starts[sel].reshape(P, 1, c).to(vdtype)
         basis: list[torch.Tensor] = []
-        # from starts next to the answers: test for stagnation at every step from the third on
-        alpha, beta = _lanczos(ops.apply(phi), X, c, rtol * _WARM_RTOL, first_check=1, every=1, basis=basis)
+        # from starts next to the answers: the first test compares the 2-step Ritz value with the
+        # start's Rayleigh quotient
+        alpha, beta = _lanczos(ops.apply(phi), X, c, rtol * _WARM_RTOL, first_check=0, every=1, basis=basis)
         vals, vecs = _ritz(alpha, beta, basis)
         return vals.reshape(len(sel), geom.g), vecs.reshape(len(sel), geom.g, c), alpha.shape[0]
 
