@@ -17,7 +17,10 @@ hits every variant alike:
   the cost the callback adds, free of the step-to-step noise of the full step;
 * the memory limit of the L2 hook: one ``torch._foreach_add_`` over the same weights and
   gradients (read both, write the gradient: 3 passes over 23.4 M floats). The L2 force needs
-  at least that; ``hook/limit`` is the row's figure (target 2).
+  at least that (in fact two dependent reads of the weights: the filter norms and
+  ``s = sum_j n_j`` before ``n_i . s``); ``hook/limit`` is the row's figure (target 2);
+* the compute limit of the exact L1 hook: its two batched matmuls alone (the Gram ``W W^T``
+  and the force ``P W``) on the same filter matrices, with their GFLOP.
 
 The ratio column is ``baseline_s / ours_s`` (< 1: the force costs time); the added time is
 ``1/ratio - 1``. The force's cost does not depend on the batch: L2 is ``O(N D)`` per layer
@@ -99,6 +102,18 @@ def run(quick: bool = False, device: str = "cpu") -> list[Row]:
     weights = [layer.module.weight for layer in callbacks["l2"].layers]
     grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in weights]
     limit_s = median_time(lambda: torch._foreach_add_(grads, weights, alpha=1e-30), repeats=3 if quick else 7, warmup=1, device=device)
+    # the compute limit of the exact L1 hook: its two batched matmuls alone (the Gram W W^T and
+    # the force P W) on the same filter matrices, and their floating-point work
+    mats = [w.detach().reshape(layer.groups, w.shape[0] // layer.groups, -1) for layer, w in zip(callbacks["l1"].layers, weights)]
+    squares = [torch.zeros(m.shape[0], m.shape[1], m.shape[1], device=device) for m in mats]
+
+    def l1_matmuls() -> None:
+        for m, sq in zip(mats, squares):
+            torch.bmm(m, m.mT, out=sq)
+            torch.bmm(sq, m)
+
+    l1_limit_s = median_time(l1_matmuls, repeats=3 if quick else 7, warmup=1, device=device)
+    l1_gflop = sum(2 * 2 * m.shape[0] * m.shape[1] ** 2 * m.shape[2] for m in mats) / 1e9
     # one monitoring call (ranks at 0.95, cosines, ratios of all layers)
     mon = ForceRegularization(1e-4, log_every_n_steps=1)
     mon.layers = mon.select(model)
@@ -127,6 +142,12 @@ def run(quick: bool = False, device: str = "cpu") -> list[Row]:
         Row(
             f"{case} force L2 hook alone", hook_s["l2"], "limit: one foreach pass over weights + grads", limit_s,
             {"hook/limit": hook_s["l2"] / limit_s, "target_hook/limit": 2.0, "bytes_moved_by_limit": 3 * 4 * n_weights},
+        )  # fmt: skip
+    )
+    rows.append(
+        Row(
+            f"{case} force L1 hook alone", hook_s["l1"], "limit: its two matmuls alone (W W^T, P W)", l1_limit_s,
+            {"hook/limit": hook_s["l1"] / l1_limit_s, "gflop": l1_gflop, "gflop_per_s_of_limit": l1_gflop / l1_limit_s},
         )  # fmt: skip
     )
     lazy = 8

@@ -423,3 +423,20 @@ def test_batched_overflow_check_and_unchecked_path() -> None:
         add_force_(g1, ws[0], 0.5, kind)
         add_force_(g2, ws[0], 0.5, kind, check_overflow=False)
         assert torch.equal(g1, g2)
+
+
+def test_symmetric_gram_by_block_rows_equals_the_full_product_and_l1_force_is_unchanged(monkeypatch):
+    """The Gram of the L1 force from the upper block rows only (5/8 of the multiply-adds) is the
+    full product, and the force computed through it equals the one through a plain bmm."""
+    from lightning_struct.ops import force as F
+
+    torch.manual_seed(0)
+    for shape, groups in (((300, 17), 1), ((600, 8, 3, 3), 2), ((257, 9), 1)):
+        w = torch.randn(*shape, dtype=torch.float64)
+        m = F.filter_matrix(w, groups)
+        torch.testing.assert_close(F.symmetric_gram(m), m @ m.mT, rtol=1e-12, atol=1e-12)
+        blocked = F.force_gradient(w, "l1", "gradient", groups)
+        monkeypatch.setattr(F, "GRAM_BLOCKS_FROM", 10**9)
+        plain = F.force_gradient(w, "l1", "gradient", groups)
+        monkeypatch.undo()
+        torch.testing.assert_close(blocked, plain, rtol=1e-10, atol=1e-12)
