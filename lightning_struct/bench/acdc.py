@@ -22,6 +22,7 @@ layer are printed and stored in each row's ``extra``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -123,9 +124,64 @@ def _case(n: int, batch: int, k: int, bias: bool, repeats: int, rounds: int, dev
     ]
 
 
+def _forward(module: nn.Module, x: Tensor) -> Callable[[], None]:
+    def fn() -> None:
+        with torch.no_grad():
+            module(x)
+
+    return fn
+
+
+def _structured_rows(n: int, batch: int, repeats: int, rounds: int, device: str) -> list[Row]:
+    """ACDC against Monarch (Dao et al. 2022) and a butterfly product at equal parameter counts.
+
+    All linear maps without biases (ACDC with permutations, no ReLU): ACDC with ``log2 n``
+    factors has the butterfly's ``2 n log2 n`` parameters, ACDC with ``sqrt n`` factors the
+    square Monarch's ``2 n sqrt n``. Forward alone (``no_grad``) and forward + backward, timed as
+    :func:`_case` times its rows. ``extra["acdc_factors_at_equal_latency"]``: how many ACDC
+    factors run in the Monarch's time (ACDC's cost is linear in the factors).
+    """
+    from lightning_struct.nn import ButterflyLinear, MonarchLinear
+
+    torch.manual_seed(0)
+    k_log, k_sqrt = int(math.log2(n)), math.isqrt(n)
+    mods: dict[str, nn.Module] = {
+        f"acdc K={k_log}": ACDCStack(n, n_factors=k_log, relu=False, permute=True, bias=False, device=device),
+        f"acdc K={k_sqrt}": ACDCStack(n, n_factors=k_sqrt, relu=False, permute=True, bias=False, device=device),
+        "butterfly": ButterflyLinear(n, bias=False, device=device),
+        "monarch": MonarchLinear(n, bias=False, device=device),
+        "nn.Linear": nn.Linear(n, n, bias=False, device=device),
+    }
+    params = {k: _n_params(m) for k, m in mods.items()}
+    x = torch.randn(batch, n, device=device, requires_grad=True)
+    g = torch.randn(batch, n, device=device)
+    rows = []
+    for mode, make in (("fwd", lambda m: _forward(m, x)), ("fwd+bwd", lambda m: _step(m, x, g))):
+        fns = {k: make(m) for k, m in mods.items()}
+        for fn in fns.values():
+            fn()
+        best = dict.fromkeys(fns, float("inf"))
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                best[name] = min(best[name], median_time(fn, repeats=repeats, warmup=0, device=device))
+        tag = f"N={n} B={batch} {mode}"
+        equal = k_log * best["monarch"] / best[f"acdc K={k_log}"]
+        for ours, base in ((f"acdc K={k_log}", "butterfly"), (f"acdc K={k_sqrt}", "monarch"), (f"acdc K={k_log}", "monarch"), (f"acdc K={k_log}", "nn.Linear")):
+            extra = {"params_ours": params[ours], "params_baseline": params[base], "N": n, "batch": batch, "mode": mode}
+            if base == "monarch":
+                extra["acdc_factors_at_equal_latency"] = round(equal, 1)
+            rows.append(Row(f"{ours} {tag}", best[ours], f"{base} ({params[base]:,} params)", best[base], extra))
+    return rows
+
+
 def run(quick: bool = False, device: str = "cpu") -> list[Row]:
-    """Rows for N = 4096, batch 128, K = 12 (without and with biases); more repeats unless ``quick``."""
+    """Rows for N = 4096, batch 128, K = 12 (without and with biases), then ACDC vs Monarch /
+    butterfly at N = 1024 and 4096, batch 1, 16, 128 (``--quick``: N = 1024 only); more repeats
+    unless ``quick``."""
     repeats, rounds = (3, 2) if quick else (5, 4)
     rows = _case(4096, 128, 12, bias=False, repeats=repeats, rounds=rounds, device=device)
     rows += _case(4096, 128, 12, bias=True, repeats=repeats, rounds=rounds, device=device)
+    for n in (1024,) if quick else (1024, 4096):
+        for batch in (1, 16, 128):
+            rows += _structured_rows(n, batch, repeats, rounds, device)
     return rows

@@ -15,6 +15,8 @@ _EXPORTS: dict[str, str] = {
     "ACDC": "lightning_struct.nn.acdc",
     "ACDCStack": "lightning_struct.nn.acdc",
     "ACDCConv1x1": "lightning_struct.nn.acdc",
+    "MonarchLinear": "lightning_struct.nn.monarch",
+    "ButterflyLinear": "lightning_struct.nn.monarch",
     "TiedBottleneck": "lightning_struct.nn.tied",
     "TiedMLP": "lightning_struct.nn.tied",
     "eval_mode": "lightning_struct.nn.utils",
