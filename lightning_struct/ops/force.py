@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from lightning_struct._checks import check_choice, check_int, check_number
+from lightning_struct.ops.linalg import symmetric_gram
 
 ForceKind = Literal["l2", "l1"]
 ForceScale = Literal["authors", "gradient"]
@@ -141,29 +142,11 @@ GRAM_BLOCKS_FROM: int = 256
 _GRAM_BLOCKS = 4
 
 
-def symmetric_gram(w: Tensor) -> Tensor:
-    """``w @ w^T`` (G, Ng, Ng) for ``w`` (G, Ng, D).
-
-    From ``GRAM_BLOCKS_FROM`` filters on, one GEMM per block row of the upper triangle (the
-    diagonal block and everything right of it) and the blocks below the diagonal mirrored (the
-    same products, not recomputed): ``(b + 1) / 2b``
-    of the multiply-adds (5/8 with 4 blocks; measured 25-33% less time than the full product at
-    ResNet-50's largest shapes on a 2-core EPYC); below that, one ``bmm``.
-    """
-    G, N, _ = w.shape
-    if N < GRAM_BLOCKS_FROM:
-        return torch.bmm(w, w.transpose(1, 2))
-    c = torch.empty(G, N, N, dtype=w.dtype, device=w.device)
-    edges = [round(i * N / _GRAM_BLOCKS) for i in range(_GRAM_BLOCKS + 1)]
-    for lo, hi in zip(edges, edges[1:]):
-        c[:, lo:hi, lo:] = torch.bmm(w[:, lo:hi], w[:, lo:].transpose(1, 2))
-        c[:, hi:, lo:hi] = c[:, lo:hi, hi:].transpose(1, 2)
-    return c
-
-
 def _cosines(w: Tensor, inv_r: Tensor) -> Tensor:
     """Cosine matrix ``C_ij = n_i . n_j`` (G, Ng, Ng); rows/columns of invalid filters are 0."""
-    c = symmetric_gram(w)
+    N = w.shape[1]
+    edges = [round(i * N / _GRAM_BLOCKS) for i in range(_GRAM_BLOCKS + 1)] if N >= GRAM_BLOCKS_FROM else None
+    c = symmetric_gram(w, edges)
     return c.mul_(inv_r.unsqueeze(-1)).mul_(inv_r.unsqueeze(-2))
 
 

@@ -2,7 +2,8 @@
 
 The Hermitian Gram matrix of the smaller side of the block symbol (``B B^H``, ``C_out`` square, or
 ``B^H B``, ``S*C_in`` square) is itself the symbol of a convolution (``K K^T`` or ``K^T K``) whose
-taps are the autocorrelation of the kernel: one GEMM per layer, ``O(k^{2d} C^3)``, after which the
+taps are the autocorrelation of the kernel: one GEMM per offset for half of them,
+``O(k^{2d} C^3 / 2)`` in all, after which the
 per-frequency Gram costs ``O(F C^2 (2k-1))`` instead of ``O(F C^3)``. The input-side Gram of a
 strided convolution is a polyphase matrix, not a coarse convolution: it has no taps route.
 """
@@ -50,8 +51,9 @@ def _gram_taps(wg: torch.Tensor, geom: _Geom, side: str) -> tuple[torch.Tensor, 
 
     ``side="out"``: ``K_s K_s^T`` (``C_out x C_out`` taps ``sum_{u-u'=t} W_u W_u'^T`` at fine offsets
     ``t*dil`` divisible by the stride, placed at ``t*dil/s``). ``side="in"`` (stride 1 only):
-    ``K^T K`` (``sum_{u'-u=t} W_u^T W_u'``). One GEMM per residue class of taps (all pairs of the
-    class), then a scatter-add into the offset bins.
+    ``K^T K`` (``sum_{u'-u=t} W_u^T W_u'``). One GEMM per coarse offset ``t`` over the pairs
+    meeting there (their factors stacked along the inner dimension), for half the offsets: the
+    tap at ``-t`` is the transpose of the one at ``t``.
 
     Returns:
         ``(G, c, c, T_1, ..., T_d)`` real taps (Hermitian symbol: ``h_{-t} = h_t^T``) and positions.
@@ -67,26 +69,45 @@ def _gram_taps(wg: torch.Tensor, geom: _Geom, side: str) -> tuple[torch.Tensor, 
     u, classes = _tap_classes(geom, dev)
     dil = torch.tensor(geom.dil, device=dev)
     s = torch.tensor(geom.s, device=dev)
-    blocks, coarse_list = [], []
+    # pairs (a, b) of one residue class meet at the coarse offset (u_a - u_b) * dil / s (exact)
+    by_offset: dict[tuple[int, ...], list[tuple[int, int]]] = {}
     for cls in classes:
-        Kr = len(cls)
-        Wr = mat[:, cls].reshape(G, Kr * c, other)
-        P = (Wr @ Wr.transpose(1, 2)).reshape(G, Kr, c, Kr, c).permute(0, 1, 3, 2, 4)
-        blocks.append(P.reshape(G, Kr * Kr, c, c))
-        diff = u[cls][:, None, :] - u[cls][None, :, :]  # (Kr, Kr, d): u - u'
+        idx = cls.tolist()
+        diff = u[cls][:, None, :] - u[cls][None, :, :]
         if side == "in":
             diff = -diff
-        coarse_list.append(torch.div(diff * dil, s, rounding_mode="floor").reshape(Kr * Kr, d))
-    pairs = torch.cat(blocks, 1)  # (G, npairs, c, c)
-    coarse = torch.cat(coarse_list, 0)  # (npairs, d)
-    positions = [torch.unique(coarse[:, i]) for i in range(d)]
+        coarse = torch.div(diff * dil, s, rounding_mode="floor").tolist()
+        for i, a in enumerate(idx):
+            for j, b in enumerate(idx):
+                by_offset.setdefault(tuple(coarse[i][j]), []).append((a, b))
+    positions = [torch.tensor(sorted({key[i] for key in by_offset}), device=dev) for i in range(d)]
     sizes = [len(p) for p in positions]
-    flat_bin = torch.zeros(coarse.shape[0], dtype=torch.int64, device=dev)
-    for i in range(d):
-        flat_bin = flat_bin * sizes[i] + torch.searchsorted(positions[i], coarse[:, i].contiguous())
-    taps = torch.zeros(G, math.prod(sizes), c, c, dtype=wg.dtype, device=dev)
-    taps.index_add_(1, flat_bin, pairs)
-    taps = taps.reshape(G, *sizes, c, c).permute(0, d + 1, d + 2, *range(1, d + 1))
+    where = [{int(v): k for k, v in enumerate(p.tolist())} for p in positions]
+
+    def flat(key: tuple[int, ...]) -> int:
+        f = 0
+        for i in range(d):
+            f = f * sizes[i] + where[i][key[i]]
+        return f
+
+    taps = torch.empty(G, math.prod(sizes), c, c, dtype=wg.dtype, device=dev)
+    filled = torch.zeros(math.prod(sizes), dtype=torch.bool)
+    for key, pairs in by_offset.items():
+        neg = tuple(-k for k in key)
+        if key < neg:
+            continue  # the tap at -t is the transpose of the one at t: formed with it below
+        # T_t = sum_{(a, b)} W_a W_b^T: one GEMM over the stacked inner dimensions
+        A = mat[:, [a for a, _ in pairs]].permute(0, 2, 1, 3).reshape(G, c, -1)
+        B = mat[:, [b for _, b in pairs]].permute(0, 2, 1, 3).reshape(G, c, -1)
+        taps[:, flat(key)] = torch.bmm(A, B.transpose(1, 2))
+        filled[flat(key)] = True
+        if neg != key:
+            taps[:, flat(neg)] = taps[:, flat(key)].transpose(1, 2)
+            filled[flat(neg)] = True
+    if not bool(filled.all()):  # offsets of the product grid no pair reaches
+        taps[:, ~filled] = 0
+    # one copy into the layout _SymbolBuilder contracts (its last-dim GEMM then reads a view)
+    taps = taps.reshape(G, *sizes, c, c).permute(0, d + 1, d + 2, *range(1, d + 1)).contiguous()
     return taps, positions
 
 

@@ -67,7 +67,7 @@ class _SymbolBuilder:
         G, R, C = wg.shape[:3]
         self.G, self.R, self.C = G, R, C
         self.rest_sizes = [len(t) for t in idx_rest]
-        x = wg * scale  # (G, R, C, t_1..t_d), real
+        x = wg * scale if scale != 1.0 else wg  # (G, R, C, t_1..t_d), real
         if d == 1:
             y = x.permute(3, 0, 1, 2).to(cdtype)  # (t_1, G, R, C)
         else:
