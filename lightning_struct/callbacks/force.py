@@ -432,7 +432,7 @@ class ForceRegularization(Callback):
         monitor_s = 0.0
         for layer, p, weight, mask in work:
             if monitor:
-                grad_norm = float(torch.linalg.vector_norm(p.grad))
+                grad_norm = float(torch.linalg.vector_norm(p.grad.detach()))
             if apply:
                 if mask is None:
                     add_force_(

@@ -50,7 +50,7 @@ def test_warm_norm_tracks_the_full_spectrum_while_weights_move(shape, n, s, dil,
         w = w + size * w.norm() / w.numel() ** 0.5 * torch.randn_like(w)
         value, state = warm_conv_spectral_norm(w, n, stride=s, dilation=dil, groups=g, state=state)
         assert float(value) == pytest.approx(_full(w, n, s, dil, g), rel=RTOL), (step, size)
-        assert state.weight is not None and torch.equal(state.weight, w)
+        assert state.weight is not None and torch.equal(state.weight, w) and state.nbytes() >= 4 * w.numel()
 
 
 def test_operators_match_conv_symbol_on_every_geometry():
@@ -191,3 +191,15 @@ def test_monitor_warm_norms_across_a_training_run_in_a_users_module(tmp_path):
     # the weights really moved between passes
     assert float((model.c2.weight.detach() - w0).norm() / w0.norm()) > 0.05
     assert set(monitor._norm_states) == {"c1", "c2", "head"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_warm_norms_on_cuda_match_the_cpu_spectrum():
+    torch.manual_seed(7)
+    for shape, n, s, dil, g in CASES:
+        w = torch.randn(*shape)
+        value, state = warm_conv_spectral_norm(w.cuda(), n, stride=s, dilation=dil, groups=g)
+        w2 = w + 1e-2 * torch.randn_like(w)
+        value, state = warm_conv_spectral_norm(w2.cuda(), n, stride=s, dilation=dil, groups=g, state=state)
+        assert value.is_cuda and state.weight is not None and state.weight.is_cuda
+        assert float(value) == pytest.approx(_full(w2, n, s, dil, g), rel=RTOL), shape

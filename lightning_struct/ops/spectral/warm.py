@@ -54,7 +54,7 @@ class NormState:
 
     Attributes:
         key: the geometry and dtype the state belongs to (another key: a cold run).
-        weight: the weight of the last call, in the compute dtype (``None`` for the exact path).
+        weight: the weight of the last call, in the compute dtype (``None``: no call yet).
         vectors: ``(F, groups, c)`` unit top Ritz vectors per half-grid frequency and group.
         upper: ``(F, groups)`` float64 upper estimates of the top singular values.
         lower: ``(F, groups)`` float64 lower bounds of them (Ritz values, less the moves since).
