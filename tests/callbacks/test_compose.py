@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import TinyCNN, quiet_trainer, tiny_loader
 
@@ -22,11 +23,13 @@ class _Trace(SpectralMonitor):
         self.trace.append((trainer.global_step, {k: dict(v) for k, v in self.last_stats.items()}))
 
 
-def test_force_monitor_and_conversion_compose(tmp_path):
+@pytest.mark.parametrize("step_stats,channels", [("full", (8, 16, 16)), ("norm", (8, 40, 40))])
+def test_force_monitor_and_conversion_compose(tmp_path, step_stats, channels):
+    """With ``step_stats="norm"`` the warm norms follow the conversion too (40 channels: Lanczos)."""
     torch.manual_seed(0)
-    model = TinyCNN(channels=(8, 16, 16))
+    model = TinyCNN(channels=channels)
     force = ForceRegularization(strength=1e-4)
-    monitor = _Trace(every_n_steps=1, step_stats="full", full_every_n_epochs=0, plot=False)
+    monitor = _Trace(every_n_steps=1, step_stats=step_stats, full_every_n_epochs=0, plot=False)
     conversion = StructuredConversion("lowrank", at_epoch=1, rank=2, include=["net.2", "net.4"])
     trainer = quiet_trainer(tmp_path, [force, monitor, conversion], max_epochs=2)
     trainer.fit(model, tiny_loader(n=32, size=8))
@@ -51,3 +54,6 @@ def test_force_monitor_and_conversion_compose(tmp_path):
     s = torch.linalg.svdvals(mat)
     last = monitor.last_stats["net.2"]
     assert abs(last["sigma_max"] - float(s[0])) <= 1e-4 * float(s[0])
+    if step_stats == "norm":  # warm states were kept, and the converted layer's follows its operator
+        assert {"net.2", "net.4"} <= set(monitor._norm_states)
+        assert torch.equal(monitor._norm_states["net.2"].weight, dense.weight.detach())
