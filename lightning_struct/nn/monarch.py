@@ -32,7 +32,33 @@ def monarch_blocks(n: int) -> tuple[int, int]:
     return b1, n // b1
 
 
-class MonarchLinear(nn.Module):
+class _SquareLinear(nn.Module):
+    """A structured ``n x n`` linear map plus an optional bias: subclasses define :meth:`_map` on
+    ``(B, n)`` rows; the input check, the bias and :meth:`dense_matrix` are shared."""
+
+    features: int
+    bias: nn.Parameter | None
+
+    def _map(self, h: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _init_bias(self) -> None:
+        if self.bias is not None:
+            self.bias.uniform_(-(self.features**-0.5), self.features**-0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.features:
+            raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, expected {self.features}")
+        y = self._map(x.reshape(-1, self.features)).reshape(x.shape)
+        return y if self.bias is None else y + self.bias
+
+    def dense_matrix(self) -> Tensor:
+        """The ``(n, n)`` matrix ``A`` of the map (``forward(x) = x @ A.T + bias``)."""
+        p = next(self.parameters())
+        return self._map(torch.eye(self.features, dtype=p.dtype, device=p.device)).T
+
+
+class MonarchLinear(_SquareLinear):
     """``y = M x + bias`` with a Monarch matrix ``M = P L P^T R`` (see the module docstring).
 
     Args:
@@ -69,33 +95,19 @@ class MonarchLinear(nn.Module):
         with torch.no_grad():
             self.r.uniform_(-((3 / self.b2) ** 0.5), (3 / self.b2) ** 0.5)  # variance-preserving
             self.l.uniform_(-(self.b1**-0.5), self.b1**-0.5)
-            if self.bias is not None:
-                self.bias.uniform_(-(self.features**-0.5), self.features**-0.5)
+            self._init_bias()
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.features:
-            raise ValueError(f"{_WHERE}: input has {x.shape[-1]} features, expected {self.features}")
-        lead = x.shape[:-1]
-        h = x.reshape(-1, self.b1, self.b2).transpose(0, 1)  # (b1, B, b2): row k of the grid
+    def _map(self, h: Tensor) -> Tensor:
+        h = h.reshape(-1, self.b1, self.b2).transpose(0, 1)  # (b1, B, b2): row k of the grid
         h = torch.bmm(h, self.r.transpose(1, 2))  # R_k on each row
         h = torch.bmm(h.permute(2, 1, 0), self.l.transpose(1, 2))  # (b2, B, b1): L_j on each column
-        y = h.permute(1, 2, 0).reshape(*lead, self.features)  # back to the (b1, b2) grid, row-major
-        return y if self.bias is None else y + self.bias
-
-    def dense_matrix(self) -> Tensor:
-        """The ``(n, n)`` matrix ``M`` (``forward(x) = x @ M.T + bias``)."""
-        eye = torch.eye(self.features, dtype=self.r.dtype, device=self.r.device)
-        bias, self.bias = self.bias, None
-        try:
-            return self.forward(eye).T
-        finally:
-            self.bias = bias
+        return h.permute(1, 2, 0).reshape(-1, self.features)  # back to the (b1, b2) grid, row-major
 
     def extra_repr(self) -> str:
         return f"features={self.features}, blocks=({self.b1}x{self.b2}^2, {self.b2}x{self.b1}^2), bias={self.bias is not None}"
 
 
-class ButterflyLinear(nn.Module):
+class ButterflyLinear(_SquareLinear):
     """``y = B x + bias`` with ``B`` a product of ``log2 n`` butterfly factors (module docstring).
 
     Args:
@@ -126,26 +138,11 @@ class ButterflyLinear(nn.Module):
                 theta = torch.rand(t.shape[:2], dtype=t.dtype, device=t.device) * (2 * math.pi)
                 c, s = theta.cos(), theta.sin()
                 t.copy_(torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2))
-            if self.bias is not None:
-                self.bias.uniform_(-(self.features**-0.5), self.features**-0.5)
+            self._init_bias()
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.features:
-            raise ValueError(f"ButterflyLinear: input has {x.shape[-1]} features, expected {self.features}")
-        lead = x.shape[:-1]
-        h = x.reshape(-1, self.features)
+    def _map(self, h: Tensor) -> Tensor:
         for i, t in enumerate(self.twiddles):
             s = 1 << i
             hv = h.reshape(h.shape[0], self.features // (2 * s), 2, s)  # pairs (j, j + s) of each block
             h = torch.einsum("bgis,gsoi->bgos", hv, t).reshape(h.shape[0], self.features)
-        y = h.reshape(*lead, self.features)
-        return y if self.bias is None else y + self.bias
-
-    def dense_matrix(self) -> Tensor:
-        """The ``(n, n)`` matrix ``B`` (``forward(x) = x @ B.T + bias``)."""
-        eye = torch.eye(self.features, dtype=self.twiddles[0].dtype, device=self.twiddles[0].device)
-        bias, self.bias = self.bias, None
-        try:
-            return self.forward(eye).T
-        finally:
-            self.bias = bias
+        return h
