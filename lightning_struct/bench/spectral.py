@@ -325,9 +325,11 @@ def _resnet50_warm_rows(moves: tuple[float, ...] = (1e-3, 1e-2), calls: int = 3)
     def scratch() -> list[float]:
         return [float(conv_spectral_norm(m.weight, hw, **k)) for (_, m, hw), k in zip(layers, kw)]
 
-    t0 = time.perf_counter()
-    warm()
-    t_cold = time.perf_counter() - t0
+    def cold() -> None:
+        states.clear()
+        warm()
+
+    t_cold = median_time(cold, repeats=2, warmup=0)  # the first call of a fresh state, twice
     rows = []
     for move in moves:
         t_warm, t_scratch, errs, frac = [], [], [], []

@@ -5,10 +5,10 @@ Between two monitor calls the weights move a little, and so does every frequency
 every frequency's (and group's) Gram operator and a lower and an upper estimate of its top
 singular value. At the next call it
 
-1. bounds how far any frequency's top singular value can have moved. The block symbol is a
-   phase-weighted sum of the taps, so by Weyl's inequality
-   ``|sigma_1(B'(theta)) - sigma_1(B(theta))| <= ||B' - B||_2 <= delta = sum_k ||W'_k - W_k||_F``
-   (the ``S^{-1/2}`` alias scaling and the ``S`` alias blocks cancel);
+1. bounds how far each frequency's top singular value can have moved. By Weyl's inequality
+   ``|sigma_1(B'(theta)) - sigma_1(B(theta))| <= ||B' - B||_2 <= delta(theta) = ||B' - B||_F``,
+   and the symbol being a phase-weighted sum of the taps, ``delta(theta)^2`` is a quadratic form
+   of the phases in the ``K x K`` Gram of the taps' change (one pass over the change);
 2. recomputes only the frequencies whose upper estimate plus ``delta`` still reaches the largest
    lower bound minus ``delta`` (a lower bound of the new norm: Ritz values approach from below);
    every other frequency provably cannot hold the maximum, and its estimates widen by ``delta``;
@@ -58,6 +58,8 @@ class NormState:
         vectors: ``(F, groups, c)`` unit top Ritz vectors per half-grid frequency and group.
         upper: ``(F, groups)`` float64 upper estimates of the top singular values.
         lower: ``(F, groups)`` float64 lower bounds of them (Ritz values, less the moves since).
+        phase_parts: ``(F, 2S, K)`` cosines and sines of the alias-tap phases (the geometry's
+            only; kept for the bound on the moves).
         recomputed: frequencies recomputed at the last call; ``frequencies``: all of them.
         steps: Lanczos steps of the last call (the most over its chunks).
     """
@@ -67,6 +69,7 @@ class NormState:
     vectors: torch.Tensor | None = None
     upper: torch.Tensor | None = None
     lower: torch.Tensor | None = None
+    phase_parts: torch.Tensor | None = None
     recomputed: int = 0
     frequencies: int = 0
     steps: int = 0
@@ -75,7 +78,7 @@ class NormState:
         """Bytes held by the state's tensors."""
         return sum(
             t.numel() * t.element_size()
-            for t in (self.weight, self.vectors, self.upper, self.lower)
+            for t in (self.weight, self.vectors, self.upper, self.lower, self.phase_parts)
             if t is not None
         )
 
@@ -300,11 +303,22 @@ def warm_conv_spectral_norm(
         return vals.amax().clamp_min(0).sqrt().to(rdt), new
 
     assert state.vectors is not None and state.upper is not None and state.lower is not None
-    delta = float(torch.linalg.vector_norm((w - state.weight).reshape(-1, K), dim=0).sum())
-    if not math.isfinite(delta):
+    dw = (w - state.weight).reshape(-1, K)
+    tap_gram = (dw.T @ dw).double()  # (K, K): <dW_k, dW_l>, one pass over the change
+    if not bool(torch.isfinite(tap_gram).all()):
         _check_weight(weight)  # raises: NaN/inf in the weights
-    # every top value moved by at most delta: the old Ritz values minus delta bound the new norm
-    # from below, so a frequency whose upper estimate plus delta stays under that cannot hold it
+    # every frequency's top value moved by at most ||dB(theta)||_F (Weyl), computed exactly from the
+    # tap Gram: sum_a phi_a^T G conj(phi_a); so the old Ritz values minus it bound the new norm
+    # from below, and a frequency whose upper estimate plus it stays under that cannot hold it
+    # phi = c + i s (F, S, K) and G real symmetric: c^T G c + s^T G s; the (c, s) table depends on
+    # the geometry only and is kept in the state
+    parts = state.phase_parts
+    if parts is None:
+        phi = ops.phases(freqs)
+        parts = torch.cat([phi.real, phi.imag], 1).to(rdt)  # (F, 2S, K)
+    q = ((parts @ tap_gram.to(rdt)) * parts).sum((1, 2)).double()
+    delta = q.clamp_min(0).sqrt() * (1 + 1e-5)  # the allowance covers the rounding of q
+    delta = delta[:, None]  # the whole weight's change bounds every group's
     upper, lower = state.upper + delta, state.lower - delta
     todo = torch.nonzero(upper.amax(1) >= lower.amax()).flatten()
     vals, vecs, steps = _solve(ops, freqs[todo], state.vectors[todo], tol)
@@ -313,7 +327,7 @@ def warm_conv_spectral_norm(
     sigma = vals.clamp_min(0).double().sqrt()
     upper[todo] = sigma * (1 + (_EXACT_MARGIN if exact else _WARM_MARGIN))
     lower[todo] = sigma
-    new = NormState(key, w.clone(), vectors, upper, lower, recomputed=len(todo), frequencies=F, steps=steps)
+    new = NormState(key, w.clone(), vectors, upper, lower, parts, recomputed=len(todo), frequencies=F, steps=steps)
     return vals.amax().clamp_min(0).sqrt().to(rdt), new
 
 
