@@ -22,6 +22,15 @@ __all__ = ["NormMethod", "conv_spectral_norm"]
 NormMethod = Literal["auto", "lanczos", "exact"]
 
 
+def _tridiag(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """The dense ``(P, k, k)`` symmetric tridiagonal matrices of ``alpha (k, P)``, ``beta (k-1, P)``."""
+    T = torch.diag_embed(alpha.T)
+    if beta.shape[0]:
+        b = beta.T
+        T = T + torch.diag_embed(b, 1) + torch.diag_embed(b, -1)
+    return T
+
+
 def _tridiag_top(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """Largest eigenvalue of each symmetric tridiagonal matrix ``(alpha (k, P), beta (k-1, P))``.
 
@@ -31,12 +40,7 @@ def _tridiag_top(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(P,)``.
     """
-    a = alpha.T
-    T = torch.diag_embed(a)
-    if beta.shape[0]:
-        b = beta.T
-        T = T + torch.diag_embed(b, 1) + torch.diag_embed(b, -1)
-    return torch.linalg.eigvalsh(T)[..., -1]
+    return torch.linalg.eigvalsh(_tridiag(alpha, beta))[..., -1]
 
 
 def _gram_apply(M: torch.Tensor, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -62,14 +66,12 @@ def _lanczos(
     first_check: int = 5,
     every: int = 2,
     basis: list[torch.Tensor] | None = None,
-    each: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Independent Lanczos runs (no re-orthogonalisation) from the unit rows of ``X (P, b, c)``.
 
     With ``rtol``, checks from step ``first_check + 1`` on every ``every`` steps and stops once the
-    largest Ritz value over the batch grew by less than ``rtol`` (relative) since the last check;
-    with ``each``, once no run's top Ritz value grew by more than ``rtol`` times that largest one
-    (a run still climbing below the maximum may overtake it). ``basis``: a list the Lanczos vectors (one ``(P, b, c)`` tensor per step) are appended to.
+    largest Ritz value over the batch grew by less than ``rtol`` (relative) since the last check.
+    ``basis``: a list the Lanczos vectors (one ``(P, b, c)`` tensor per step) are appended to.
 
     Returns:
         ``alpha (j, P*b)`` and ``beta (j-1, P*b)``: the tridiagonal matrices of the ``j`` steps taken.
@@ -79,7 +81,7 @@ def _lanczos(
     real = (lambda t: torch.view_as_real(t)) if X.is_complex() else (lambda t: t.unsqueeze(-1))
     prev_x: torch.Tensor | None = None
     beta = X.new_zeros(X.shape[:2], dtype=real(X).dtype)
-    last: torch.Tensor | None = None
+    last: float | None = None
     for j in range(steps):
         if basis is not None:
             basis.append(X)
@@ -91,13 +93,10 @@ def _lanczos(
         alphas.append(a)
         if rtol is not None and j >= first_check and (j - first_check) % every == 0:
             b_all = torch.stack(betas).flatten(1) if betas else a.new_zeros((0, a.numel()))
-            tops = _tridiag_top(torch.stack(alphas).flatten(1), b_all)
-            top = float(tops.max())
-            if last is not None:
-                grew = float((tops - last).max()) if each else top - float(last.max())
-                if grew <= rtol * abs(top):
-                    break
-            last = tops
+            top = float(_tridiag_top(torch.stack(alphas).flatten(1), b_all).max())
+            if last is not None and top - last <= rtol * abs(top):
+                break
+            last = top
         if j == steps - 1:
             break
         beta = torch.linalg.vector_norm(real(W), dim=(-1, -2))
@@ -122,10 +121,7 @@ def _ritz(alpha: torch.Tensor, beta: torch.Tensor, basis: list[torch.Tensor]) ->
     """Top Ritz values ``(P,)`` and unit Ritz vectors ``(P, c)`` of Lanczos runs ``(P, b, c)``
     (of the best of the ``b`` runs of each problem)."""
     j = alpha.shape[0]
-    T = torch.diag_embed(alpha.T)
-    if j > 1:
-        T = T + torch.diag_embed(beta.T, 1) + torch.diag_embed(beta.T, -1)
-    vals, vecs = torch.linalg.eigh(T)  # (P*b, j)
+    vals, vecs = torch.linalg.eigh(_tridiag(alpha, beta))  # (P*b, j)
     P, b, c = basis[0].shape
     top, run = vals[:, -1].reshape(P, b).max(1)
     pick = torch.arange(P, device=top.device) * b + run
@@ -221,15 +217,15 @@ def conv_spectral_norm(
             weight, input_size, stride=stride, dilation=dilation, groups=groups, method="svd", dtype=rdt
         ).sigma_max
     tol = float(rtol) if rtol is not None else config.lanczos_rtol(rdt)
-    best, _, _ = _lanczos_norm(weight, geom, rdt, method, seed, tol, vectors=False)
-    return torch.tensor(best, dtype=rdt, device=weight.device).clamp_min(0).sqrt()
+    tops, _ = _lanczos_norm(weight, geom, rdt, method, seed, tol, vectors=False)
+    return torch.tensor(float(tops.amax()), dtype=rdt, device=weight.device).clamp_min(0).sqrt()
 
 
 def _lanczos_norm(
     weight: torch.Tensor, geom: _Geom, rdt: torch.dtype, method: str, seed: int, tol: float, vectors: bool
-) -> tuple[float, torch.Tensor, torch.Tensor | None]:
-    """The body of :func:`conv_spectral_norm`: the largest top eigenvalue, the top eigenvalues
-    ``(F, G)`` of every half-grid frequency and group (one frequency for a 1x1 kernel) and, with
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The body of :func:`conv_spectral_norm`: the top eigenvalues ``(F, G)`` of every half-grid
+    frequency and group (one frequency for a 1x1 kernel) and, with
     ``vectors``, their top Ritz vectors ``(F, G, c)`` in the conventions of
     :mod:`~lightning_struct.ops.spectral.warm` (the rows its output-/input-side actions iterate on)."""
     cdt = _complex(rdt)
@@ -243,7 +239,7 @@ def _lanczos_norm(
         Wm = wg.reshape(G, geom.co, geom.ci)
         mode = "out" if geom.co <= geom.ci else "in"
         top, _, rows = _top_eigs(Wm, mode, min(geom.co, geom.ci), method, gen, None, tol, vectors)
-        return float(top.amax()), top.reshape(1, G), None if rows is None else rows.reshape(1, G, -1)
+        return top.reshape(1, G), None if rows is None else rows.reshape(1, G, -1)
     n_half = math.prod(geom.grid(True))
     use_taps = _use_gram_taps(geom, n_half, passes=16)
     with all_threads():  # one large GEMM: MKL threads it well
@@ -274,8 +270,8 @@ def _lanczos_norm(
     parts = [r for part in parallel_map(work, list(range(len(rows))), weight.device) for r in part]
     tops = torch.cat([t for t, _ in parts]).reshape(-1, G)
     if not vectors:
-        return float(tops.amax()), tops, None
+        return tops, None
     vecs = torch.cat([v for _, v in parts])  # type: ignore[misc]
     if mode == "gram" and side == "out":  # x -> x G iterates on conj(v), v an eigenvector of B B^H
         vecs = vecs.conj().resolve_conj()
-    return float(tops.amax()), tops, vecs.reshape(tops.shape[0], G, -1)
+    return tops, vecs.reshape(tops.shape[0], G, -1)

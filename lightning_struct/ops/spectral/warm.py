@@ -35,6 +35,7 @@ from lightning_struct.ops.spectral._pool import all_threads, cpu_single_threaded
 from lightning_struct.ops.spectral.eigen import _eigvalsh_desc
 from lightning_struct.ops.spectral.geometry import _check_weight, _complex, _compute_dtype, _Geom, _geometry
 from lightning_struct.ops.spectral.norm import _lanczos, _lanczos_norm, _ritz
+from lightning_struct.ops.spectral.symbols import _phases
 
 __all__ = ["NormState", "warm_conv_spectral_norm", "warm_linear_norm"]
 
@@ -58,8 +59,6 @@ class NormState:
         vectors: ``(F, groups, c)`` unit top Ritz vectors per half-grid frequency and group.
         upper: ``(F, groups)`` float64 upper estimates of the top singular values.
         lower: ``(F, groups)`` float64 lower bounds of them (Ritz values, less the moves since).
-        phase_parts: ``(F, 2S, K)`` cosines and sines of the alias-tap phases (the geometry's
-            only; kept for the bound on the moves).
         recomputed: frequencies recomputed at the last call; ``frequencies``: all of them.
         steps: Lanczos steps of the last call (the most over its chunks).
     """
@@ -69,7 +68,6 @@ class NormState:
     vectors: torch.Tensor | None = None
     upper: torch.Tensor | None = None
     lower: torch.Tensor | None = None
-    phase_parts: torch.Tensor | None = None
     recomputed: int = 0
     frequencies: int = 0
     steps: int = 0
@@ -78,7 +76,7 @@ class NormState:
         """Bytes held by the state's tensors."""
         return sum(
             t.numel() * t.element_size()
-            for t in (self.weight, self.vectors, self.upper, self.lower, self.phase_parts)
+            for t in (self.weight, self.vectors, self.upper, self.lower)
             if t is not None
         )
 
@@ -98,22 +96,21 @@ def _phase_rows(
 ) -> torch.Tensor:
     """``(F*S, T)`` phases ``exp(2 pi i sum_i (J_i + a_i n_i/s_i) p_i / n_i)`` of every alias ``a`` and tap ``p``.
 
-    Taps are the row-major product of ``positions`` (integer positions per dim, any sign), aliases
-    the row-major product of ``range(s_i)`` (the column blocks of :func:`conv_symbol`); the products
-    are reduced modulo ``n`` in int64 before the float conversion.
+    The product over dims of :func:`~lightning_struct.ops.spectral.symbols._phases` at the
+    frequencies ``freqs (F, d)``: taps in the row-major order of ``positions`` (integer positions
+    per dim), aliases in the row-major order of ``range(s_i)`` (the column blocks of
+    :func:`conv_symbol`).
     """
-    dev = freqs.device
-    d = len(n)
-    alias = torch.cartesian_prod(*[torch.arange(si, device=dev) for si in s]).reshape(-1, d)
-    taps = torch.cartesian_prod(*[p.to(dev) for p in positions]).reshape(-1, d)
-    m = torch.tensor([ni // si for ni, si in zip(n, s)], device=dev)
-    fine = freqs[:, None, :] + alias[None] * m  # (F, S, d)
-    angle = torch.zeros(freqs.shape[0], alias.shape[0], taps.shape[0], dtype=torch.float64, device=dev)
-    for i in range(d):
-        angle += torch.remainder(fine[..., i, None] * taps[None, None, :, i], n[i]).to(torch.float64) / n[i]
-    real = torch.float64 if cdtype == torch.complex128 else torch.float32
-    phases = torch.polar(torch.ones((), dtype=real, device=dev), (angle * (2 * math.pi)).to(real))
-    return phases.reshape(-1, taps.shape[0])
+    E: torch.Tensor | None = None
+    for i in range(len(n)):
+        Ei = _phases(n[i], n[i] // s[i], s[i], freqs[:, i], positions[i].to(freqs.device), cdtype)  # (F, s_i, k_i)
+        if E is None:
+            E = Ei
+        else:
+            F, S, T = E.shape
+            E = (E[:, :, None, :, None] * Ei[:, None, :, None, :]).reshape(F, S * Ei.shape[1], T * Ei.shape[2])
+    assert E is not None
+    return E.reshape(-1, E.shape[-1])
 
 
 def _real_times(X: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -146,6 +143,7 @@ class _Operators:
         self.WmT = self.Wm.transpose(-1, -2)  # a view: the GEMM reads it transposed
         self.side = "out" if co <= self.S * ci else "in"
         self.c = co if self.side == "out" else self.S * ci
+        self.exact = self.c < config.exact_below(w.dtype)  # small c: exact eigenvalues, no vectors
         self.positions = [torch.arange(k, device=w.device) * dl for k, dl in zip(geom.k, geom.dil)]
 
     def phases(self, freqs: torch.Tensor) -> torch.Tensor:
@@ -201,9 +199,7 @@ def _solve(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Top eigenvalues ``(F, G)``, Ritz vectors ``(F, G, c)`` and the most steps over the chunks,
     for the frequencies ``freqs`` (rows of :func:`_half_frequencies`), from the rows ``starts``."""
-    geom, c = ops.geom, ops.c
-    real = ops.Wm.dtype
-    exact = c < config.exact_below(real)
+    geom, c, exact = ops.geom, ops.c, ops.exact
     vdtype = ops.cdtype  # the rows are complex (a 1x1 kernel's too: one code path)
     # entries per frequency held at once: the GEMM outputs (K C_in) and ~32 Lanczos vectors
     per_freq = geom.g * (ops.K * max(geom.ci, geom.co) * 2 + c * (c if exact else 32))
@@ -278,56 +274,52 @@ def warm_conv_spectral_norm(
     rdt = _compute_dtype(weight, dtype)
     cdt = _complex(rdt)
     tol = float(rtol) if rtol is not None else config.lanczos_rtol(rdt)
-    one_by_one = all(k == 1 for k in geom.k)
     key = (tuple(weight.shape), geom, rdt, weight.device)
     w = weight.detach().to(rdt)
-    K = math.prod(geom.k)
+    if state is None or state.key != key or state.weight is None:
+        if warm:
+            _check_weight(weight)
+        # cold: conv_spectral_norm's own route (formed symbols pay off over its many steps)
+        vals, vecs = _lanczos_norm(weight, geom, rdt, "auto", seed, tol, vectors=True)
+        assert vecs is not None
+        exact = vecs.shape[-1] == 0  # the exact path keeps no vectors
+        sigma = vals.clamp_min(0).double().sqrt()
+        upper = sigma * (1 + (_EXACT_MARGIN if exact else _COLD_MARGIN))
+        F = vals.shape[0]
+        new = NormState(key, w.clone(), vecs.to(cdt), upper, sigma, recomputed=F, frequencies=F)
+        return vals.amax().clamp_min(0).sqrt().to(rdt), new
+
+    assert state.vectors is not None and state.upper is not None and state.lower is not None
+    one_by_one = all(k == 1 for k in geom.k)
     ops = _Operators(w, geom, cdt, one_by_one)
-    exact = ops.c < config.exact_below(rdt)
     freqs = (
         torch.zeros(1, geom.d, dtype=torch.int64, device=weight.device)
         if one_by_one
         else _half_frequencies(geom, weight.device)
     )
-    F = freqs.shape[0]
-    if state is None or state.key != key or state.weight is None:
-        if warm:
-            _check_weight(weight)
-        # cold: conv_spectral_norm's own route (formed symbols pay off over its many steps)
-        _, vals, vecs = _lanczos_norm(weight, geom, rdt, "auto", seed, tol, vectors=True)
-        assert vecs is not None
-        steps = 0
-        sigma = vals.clamp_min(0).double().sqrt()
-        upper = sigma * (1 + (_EXACT_MARGIN if exact else _COLD_MARGIN))
-        new = NormState(key, w.clone(), vecs.to(cdt), upper, sigma, recomputed=F, frequencies=F, steps=steps)
-        return vals.amax().clamp_min(0).sqrt().to(rdt), new
-
-    assert state.vectors is not None and state.upper is not None and state.lower is not None
-    dw = (w - state.weight).reshape(-1, K)
+    dw = (w - state.weight).reshape(-1, ops.K)
     tap_gram = (dw.T @ dw).double()  # (K, K): <dW_k, dW_l>, one pass over the change
     if not bool(torch.isfinite(tap_gram).all()):
         _check_weight(weight)  # raises: NaN/inf in the weights
-    # every frequency's top value moved by at most ||dB(theta)||_F (Weyl), computed exactly from the
-    # tap Gram: sum_a phi_a^T G conj(phi_a); so the old Ritz values minus it bound the new norm
-    # from below, and a frequency whose upper estimate plus it stays under that cannot hold it
-    # phi = c + i s (F, S, K) and G real symmetric: c^T G c + s^T G s; the (c, s) table depends on
-    # the geometry only and is kept in the state
-    parts = state.phase_parts
-    if parts is None:
-        phi = ops.phases(freqs)
-        parts = torch.cat([phi.real, phi.imag], 1).to(rdt)  # (F, 2S, K)
+    # Weyl: each frequency's top value moved by at most ||dB(theta)||_F, whose square is
+    # sum_a phi_a^T G conj(phi_a) = c^T G c + s^T G s for phi = c + i s (G real symmetric)
+    phi = ops.phases(freqs)
+    parts = torch.cat([phi.real, phi.imag], 1).to(rdt)  # (F, 2S, K)
     q = ((parts @ tap_gram.to(rdt)) * parts).sum((1, 2)).double()
     delta = q.clamp_min(0).sqrt() * (1 + 1e-5)  # the allowance covers the rounding of q
     delta = delta[:, None]  # the whole weight's change bounds every group's
+    # the old Ritz values minus the move bound the new norm from below; a frequency whose upper
+    # estimate plus its move stays under that cannot hold the maximum
     upper, lower = state.upper + delta, state.lower - delta
     todo = torch.nonzero(upper.amax(1) >= lower.amax()).flatten()
     vals, vecs, steps = _solve(ops, freqs[todo], state.vectors[todo], tol)
     vectors = state.vectors.clone()
     vectors[todo] = vecs.to(vectors.dtype)
     sigma = vals.clamp_min(0).double().sqrt()
-    upper[todo] = sigma * (1 + (_EXACT_MARGIN if exact else _WARM_MARGIN))
+    upper[todo] = sigma * (1 + (_EXACT_MARGIN if ops.exact else _WARM_MARGIN))
     lower[todo] = sigma
-    new = NormState(key, w.clone(), vectors, upper, lower, parts, recomputed=len(todo), frequencies=F, steps=steps)
+    F = freqs.shape[0]
+    new = NormState(key, w.clone(), vectors, upper, lower, recomputed=len(todo), frequencies=F, steps=steps)
     return vals.amax().clamp_min(0).sqrt().to(rdt), new
 
 
