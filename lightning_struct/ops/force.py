@@ -69,7 +69,6 @@ __all__ = [
     "force_gradient",
     "max_filter_rank",
     "mean_pairwise_cosine",
-    "symmetric_gram",
     "weights_overflow_safe",
 ]
 
