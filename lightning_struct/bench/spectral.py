@@ -238,12 +238,18 @@ def _explicit_row(c: int, n: int) -> Row:
     )
 
 
-def resnet50_layers(image_size: int = 224) -> list[tuple[str, torch.nn.Conv2d, tuple[int, int]]]:
-    """``(name, conv, input_size)`` of every convolution of a random torchvision ResNet-50."""
+def resnet50_layers(
+    image_size: int = 224, model: torch.nn.Module | None = None
+) -> list[tuple[str, torch.nn.Conv2d, tuple[int, int]]]:
+    """``(name, conv, input_size)`` of every convolution of ``model`` (default: a random torchvision
+    ResNet-50, seed 0); the sizes come from one eval-mode forward, the model's mode is restored."""
     import torchvision
 
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None).eval()
+    if model is None:
+        torch.manual_seed(0)
+        model = torchvision.models.resnet50(weights=None)
+    was_training = model.training
+    model.eval()
     sizes: dict[str, tuple[int, int]] = {}
     hooks = [
         m.register_forward_hook(
@@ -256,6 +262,7 @@ def resnet50_layers(image_size: int = 224) -> list[tuple[str, torch.nn.Conv2d, t
         model(torch.zeros(1, 3, image_size, image_size))
     for h in hooks:
         h.remove()
+    model.train(was_training)
     convs = dict(model.named_modules())
     return [(name, convs[name], hw) for name, hw in sizes.items()]  # type: ignore[misc]
 
@@ -305,11 +312,9 @@ def _resnet50_warm_rows(moves: tuple[float, ...] = (1e-3, 1e-2), calls: int = 3)
 
     from lightning_struct.ops.spectral import warm_conv_spectral_norm
 
-    names = resnet50_layers()
     torch.manual_seed(0)
     net = torchvision.models.resnet50(weights=None)
-    mods = dict(net.named_modules())
-    layers = [(name, mods[name], hw) for name, _, hw in names]
+    layers = resnet50_layers(model=net)
     x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 1000, (4,))
     torch.nn.functional.cross_entropy(net(x), y).backward()
     kw = [dict(stride=m.stride, dilation=m.dilation, groups=m.groups) for _, m, _ in layers]
