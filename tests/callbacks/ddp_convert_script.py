@@ -72,7 +72,7 @@ def main(out: Path, method: str, mode: str, precision: str) -> None:
     conversion = StructuredConversion(method, at_epoch=1, calibration_batches=2, **kw)
     callbacks = [
         ForceRegularization(strength=1e-3),
-        SpectralMonitor(every_n_steps=2),
+        SpectralMonitor(every_n_steps=2, step_stats="norm"),  # step passes by the warm norm path
         conversion,
         ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0),
     ]
